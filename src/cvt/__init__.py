@@ -1,0 +1,23 @@
+"""cvt: the Convolutional Vision Transformer (Wu et al., ICCV 2021) for PyTorch."""
+
+from .config import CvTConfig
+from .flops import count_macs
+from .model import CvT, param_count
+from .registry import create_model, default_config, from_pretrained, list_models
+from .weights import CheckpointError, read_checkpoint, save_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CvT",
+    "CvTConfig",
+    "count_macs",
+    "create_model",
+    "default_config",
+    "from_pretrained",
+    "list_models",
+    "param_count",
+    "read_checkpoint",
+    "save_weights",
+]

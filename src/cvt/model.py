@@ -1,0 +1,400 @@
+"""Convolutional Vision Transformer (Wu et al., "CvT: Introducing Convolutions to Vision Transformers", ICCV 2021).
+
+Read top to bottom: primitives -> convolutional token embedding -> convolutional attention -> block -> stage ->
+the model (classifier and backbone in one class). Behaviour follows the authors' `lib/models/cls_cvt.py`,
+quirks included (each is marked "authors:"), so their released weights give their published accuracy.
+
+Layouts: images and feature maps are NCHW `(B, C, H, W)`; token sequences are `(B, T, C)` with `T = H * W`
+(plus one cls token in front in the last stage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import CvTConfig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Primitives
+# ---------------------------------------------------------------------------------------------------------------
+class QuickGELU(nn.Module):
+    """authors: `x * sigmoid(1.702 x)`, the activation the released weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back (authors: their subclass upcasts so fp16/bf16 runs stay stable)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        # Autocast would run layer_norm in fp32 anyway on CUDA, but not on every device: do it explicitly.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+def _make_act(name: str) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+# Set while torch.utils.checkpoint recomputes a block's forward during backward. BatchNorm must not update its
+# running statistics a second time then, or gradient checkpointing would change the model.
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("cvt_recomputing", default=False)
+
+
+@contextlib.contextmanager
+def _recomputing():
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
+def _checkpoint_contexts():
+    return contextlib.nullcontext(), _recomputing()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Convolutional token embedding
+# ---------------------------------------------------------------------------------------------------------------
+class ConvEmbed(nn.Module):
+    """Strided Conv2d (with bias) + LayerNorm over channels: the start of every stage."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, stride: int, padding: int, eps: float):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=stride, padding=padding)
+        self.norm = LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = self.proj(x)  # (B, C, H, W)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        return self.norm(x), h, w
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Convolutional attention
+# ---------------------------------------------------------------------------------------------------------------
+class ConvProjection(nn.Module):
+    """Depthwise Conv2d (no bias) + BatchNorm2d: the "dw_bn" projection of q, k or v, map in, tokens out.
+
+    In eval mode the BatchNorm is folded into the convolution (one pass instead of two); in training mode the
+    BatchNorm runs as usual, except that a checkpoint recomputation leaves the running statistics alone.
+    """
+
+    def __init__(self, dim: int, kernel_size: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, stride=stride, padding=kernel_size // 2, groups=dim, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+
+    def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv weight and bias equal to conv followed by eval-mode BatchNorm."""
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C,)
+        weight = self.conv.weight * scale.view(-1, 1, 1, 1)
+        bias = bn.bias - bn.running_mean * scale
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
+        if not self.training:
+            weight, bias = self.folded_weight_bias()
+            x = F.conv2d(x, weight, bias, conv.stride, conv.padding, groups=conv.groups)
+        else:
+            x = conv(x)
+            recomputing = _RECOMPUTING.get()
+            if not recomputing:
+                bn.num_batches_tracked.add_(1)
+            # momentum 0 keeps running stats unchanged during a checkpoint recomputation
+            x = F.batch_norm(
+                x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.0 if recomputing else bn.momentum, bn.eps
+            )
+        return x.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'*W', C)
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose q/k/v come from depthwise-convolved token maps (k, v subsampled by stride_kv)."""
+
+    def __init__(self, dim: int, num_heads: int, cfg: CvTConfig, attn_drop: float, proj_drop: float):
+        super().__init__()
+        self.num_heads = num_heads
+        # authors: the scale is the whole width's dim ** -0.5, not head_dim ** -0.5; the weights depend on it.
+        self.scale = dim**-0.5
+        self.attn_drop = attn_drop
+        self.conv_proj_q = ConvProjection(dim, cfg.kernel_qkv, cfg.stride_q)
+        self.conv_proj_k = ConvProjection(dim, cfg.kernel_qkv, cfg.stride_kv)
+        self.conv_proj_v = ConvProjection(dim, cfg.kernel_qkv, cfg.stride_kv)
+        self.proj_q = nn.Linear(dim, dim, bias=cfg.qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=cfg.qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
+        B, T, C = x.shape
+        spatial = x[:, 1:] if has_cls else x  # (B, H*W, C)
+        # (B, H*W, C) -> (B, C, H, W) as a view: the map is channels-last in memory, which the depthwise
+        # convolutions take without a copy. q, k and v all read this one map.
+        feat = spatial.transpose(1, 2).unflatten(2, (h, w))
+        q = self.conv_proj_q(feat)  # (B, Tq, C)
+        k = self.conv_proj_k(feat)  # (B, Tkv, C), Tkv = ceil(H/s) * ceil(W/s)
+        v = self.conv_proj_v(feat)
+        if has_cls:
+            # authors: the cls token skips the convolution and joins q, k and v unchanged.
+            cls = x[:, :1]
+            q, k, v = (torch.cat((cls, t), dim=1) for t in (q, k, v))
+        nh = self.num_heads
+        q = self.proj_q(q).unflatten(-1, (nh, -1)).transpose(1, 2)  # (B, nh, Tq, hd)
+        k = self.proj_k(k).unflatten(-1, (nh, -1)).transpose(1, 2)  # (B, nh, Tkv, hd)
+        v = self.proj_v(v).unflatten(-1, (nh, -1)).transpose(1, 2)
+        x = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        )  # (B, nh, Tq, hd)
+        x = x.transpose(1, 2).flatten(2)  # (B, Tq, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str, drop: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = _make_act(act)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + drop_path(attn(norm1 x)), then x + drop_path(mlp(norm2 x))."""
+
+    def __init__(self, dim: int, num_heads: int, drop_path: float, cfg: CvTConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.attn = Attention(dim, num_heads, cfg, cfg.attn_drop_rate, cfg.drop_rate)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act, cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w, has_cls))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage
+# ---------------------------------------------------------------------------------------------------------------
+class Stage(nn.Module):
+    """Token embedding, an optional cls token, then `depth` blocks. Map in, tokens out."""
+
+    def __init__(self, index: int, in_chans: int, cfg: CvTConfig):
+        super().__init__()
+        dim = cfg.embed_dims[index]
+        self.patch_embed = ConvEmbed(
+            in_chans, dim, cfg.patch_sizes[index], cfg.patch_strides[index], cfg.patch_paddings[index],
+            cfg.layer_norm_eps,
+        )
+        last = index == cfg.num_stages - 1
+        # authors: the cls token exists in the last stage only
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.cls_token and last else None
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        # authors: stochastic depth rises linearly within each stage, from 0 to the stage's rate
+        rates = torch.linspace(0, cfg.drop_path_rate[index], cfg.depths[index]).tolist()
+        self.blocks = nn.ModuleList(Block(dim, cfg.num_heads[index], r, cfg) for r in rates)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x, h, w = self.patch_embed(x)  # (B, H*W, C)
+        has_cls = self.cls_token is not None
+        if has_cls:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + H*W, C)
+        x = self.pos_drop(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, h, w, has_cls, use_reentrant=False, context_fn=_checkpoint_contexts)
+            else:
+                x = block(x, h, w, has_cls)
+        return x, h, w
+
+
+def _tokens_to_map(x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
+    if has_cls:
+        x = x[:, 1:]
+    return x.transpose(1, 2).unflatten(2, (h, w))  # (B, H*W, C) -> (B, C, H, W)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+class CvT(nn.Module):
+    """A CvT classifier, or a backbone returning NCHW feature maps (`features_only=True`).
+
+    The interface is timm's: `forward_features`, `forward_head`, `reset_classifier`, `set_grad_checkpointing`,
+    `feature_info`, `forward_intermediates`. Parameter names follow the authors' checkpoints, with
+    `stage{i}.` written `stages.{i}.` (see `cvt.weights`).
+    """
+
+    def __init__(self, cfg: CvTConfig, features_only: bool = False, out_indices: Sequence[int] = (0, 1, 2)):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = self.head_hidden_size = cfg.num_features
+        stages, in_chans = [], cfg.in_chans
+        for i in range(cfg.num_stages):
+            stages.append(Stage(i, in_chans, cfg))
+            in_chans = cfg.embed_dims[i]
+        self.stages = nn.ModuleList(stages)
+        self.norm = LayerNorm(cfg.num_features, eps=cfg.layer_norm_eps)
+        self.head = nn.Linear(cfg.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.feature_info = [
+            dict(num_chs=d, reduction=r, module=f"stages.{i}") for i, (d, r) in enumerate(zip(cfg.embed_dims, cfg.reductions))
+        ]
+        self.features_only = False
+        self.out_indices: tuple[int, ...] = tuple(range(cfg.num_stages))
+        self.apply(self._init_weights)
+        for stage in self.stages:
+            if stage.cls_token is not None:
+                trunc_normal_(stage.cls_token, std=0.02)
+        if features_only:
+            self.as_backbone(out_indices)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # authors: Linear trunc_normal(0.02) with zero bias; norms 1/0; convolutions keep PyTorch's default.
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ---- timm interface ------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"stages.{i}.cls_token" for i, s in enumerate(self.stages) if s.cls_token is not None}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head for `num_classes` classes (0: no head, `forward` returns pooled features)."""
+        self.num_classes = num_classes
+        self.cfg = self.cfg.replace(num_classes=num_classes)
+        device = self.norm.weight.device
+        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self._init_weights(self.head)
+
+    def as_backbone(self, out_indices: Sequence[int] = (0, 1, 2)) -> "CvT":
+        """Turn this model into a backbone returning the maps of `out_indices`; drops the head, the final norm
+        and the stages after the last index (they would be unused parameters, which DDP rejects)."""
+        n = self.cfg.num_stages
+        idx = tuple(int(i) % n if -n <= int(i) < n else n for i in out_indices)
+        if not idx or any(i >= n for i in idx) or len(set(idx)) != len(idx):
+            raise ValueError(f"out_indices {tuple(out_indices)} must name distinct stages among 0..{n - 1}")
+        self.out_indices = tuple(sorted(idx))
+        self.stages = self.stages[: max(idx) + 1]
+        self.norm = nn.Identity()
+        self.head = nn.Identity()
+        self.num_classes = 0
+        self.features_only = True
+        self.feature_info = [self.feature_info[i] for i in self.out_indices]
+        return self
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"CvT expects images as a (batch, channels, height, width) tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.cfg.in_chans:
+            raise ValueError(
+                f"CvT was built for {self.cfg.in_chans}-channel images, got {x.shape[1]} channels (shape {tuple(x.shape)})"
+            )
+        min_size = self.min_input_size()
+        if x.shape[-2] < min_size or x.shape[-1] < min_size:
+            raise ValueError(
+                f"input {x.shape[-2]}x{x.shape[-1]} is too small: this CvT needs at least {min_size}x{min_size} pixels"
+            )
+
+    def min_input_size(self) -> int:
+        """Smallest side for which every stage's token embedding still yields at least one token."""
+        size = 1
+        cfg = self.cfg
+        for k, s, p in reversed(list(zip(cfg.patch_sizes, cfg.patch_strides, cfg.patch_paddings))):
+            size = max(1, (size - 1) * s + k - 2 * p)  # inverse of floor((L + 2p - k) / s) + 1 >= size
+        return size
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Sequence[int] | None = None, intermediates_only: bool = False
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Maps `(B, C_i, H/r_i, W/r_i)` of the stages in `indices` (default all), and the final tokens unless
+        `intermediates_only`."""
+        self._check_input(x)
+        n = len(self.stages)
+        wanted = set(range(n)) if indices is None else {int(i) % n for i in indices}
+        maps = []
+        for i, stage in enumerate(self.stages):
+            x, h, w = stage(x)  # tokens (B, [1 +] H*W, C)
+            has_cls = stage.cls_token is not None
+            fmap = _tokens_to_map(x, h, w, has_cls)
+            if i in wanted:
+                maps.append(fmap.contiguous())
+            if i < n - 1:
+                x = fmap
+        if intermediates_only:
+            return maps
+        return self.norm(x), maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised last-stage tokens `(B, [1 +] H*W, C)`, the cls token first when the model has one."""
+        self._check_input(x)
+        for i, stage in enumerate(self.stages):
+            x, h, w = stage(x)
+            if i < len(self.stages) - 1:
+                x = _tokens_to_map(x, h, w, stage.cls_token is not None)  # next stage embeds a map
+        # LayerNorm is per token, so norming all tokens then taking the cls token equals the authors' order.
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        # authors: the cls token is the image's representation; without one, the mean of the tokens.
+        # (Their torch.squeeze also dropped the batch dimension at batch size 1; indexing keeps it.)
+        x = x[:, 0] if self.stages[-1].cls_token is not None else x.mean(dim=1)  # (B, C)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.features_only:
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
+        return self.forward_head(self.forward_features(x))
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def output_size(cfg: CvTConfig, height: int, width: int) -> list[tuple[int, int]]:
+    """Spatial size of each stage's map for an input of `height` x `width`."""
+    sizes = []
+    for k, s, p in zip(cfg.patch_sizes, cfg.patch_strides, cfg.patch_paddings):
+        height = math.floor((height + 2 * p - k) / s) + 1
+        width = math.floor((width + 2 * p - k) / s) + 1
+        sizes.append((height, width))
+    return sizes

@@ -1,0 +1,193 @@
+"""The model zoo: variants as data, `create_model` / `list_models`, and timm registration.
+
+`create_model("cvt_13")` builds the paper's CvT-13; `pretrained=` takes a local checkpoint in any supported format
+(see `cvt.weights`). After `import cvt`, `timm.create_model("cvt_13")` builds the same model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .config import ARCHITECTURE_FIELDS, CvTConfig
+from .model import CvT
+from .weights import Checkpoint, CheckpointError, load_into, read_checkpoint
+
+
+@dataclass(frozen=True)
+class Variant:
+    config: CvTConfig
+    description: str
+    input_size: int  # the side it is meant for (MACs in the zoo table are at this size)
+    from_paper: bool
+
+
+_VARIANTS: dict[str, Variant] = {}
+
+
+def register_variant(name: str, description: str, input_size: int, from_paper: bool, **fields: Any) -> None:
+    _VARIANTS[name] = Variant(CvTConfig(**fields), description, input_size, from_paper)
+
+
+register_variant("cvt_13", "CvT-13 (paper, Table 2)", 224, True)
+register_variant("cvt_21", "CvT-21 (paper, Table 2)", 224, True, depths=(1, 4, 16))
+register_variant(
+    "cvt_w24", "CvT-W24 (paper, Table 2; wide)", 384, True,
+    embed_dims=(192, 768, 1024), num_heads=(3, 12, 16), depths=(2, 2, 20), drop_path_rate=0.3,
+)
+# Not from the paper: small CvTs for 28-64 px images (Fashion-MNIST, CIFAR). Same architecture; the first token
+# embedding is a 3x3 stride-1 convolution (a 7x7 stride-4 one would leave a 28 px image 7x7 tokens in stage 1),
+# so the three stages see 28/14/7 tokens a side at 28 px (output strides 1/2/4).
+register_variant(
+    "cvt_tiny", "not from the paper: 28-64 px images, output strides 1/2/4", 28, False,
+    embed_dims=(32, 64, 128), num_heads=(1, 2, 4), depths=(1, 1, 2),
+    patch_sizes=(3, 3, 3), patch_strides=(1, 2, 2), patch_paddings=(1, 1, 1), drop_path_rate=0.0,
+    num_classes=10,
+)
+register_variant(
+    "cvt_small", "not from the paper: 32-64 px images, output strides 2/4/8", 32, False,
+    embed_dims=(64, 128, 256), num_heads=(1, 2, 4), depths=(1, 2, 4),
+    patch_sizes=(3, 3, 3), patch_strides=(2, 2, 2), patch_paddings=(1, 1, 1), drop_path_rate=0.1,
+    num_classes=10,
+)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    import fnmatch
+
+    return sorted(n for n in _VARIANTS if fnmatch.fnmatch(n, pattern))
+
+
+def get_variant(name: str) -> Variant:
+    if name not in _VARIANTS:
+        close = difflib.get_close_matches(name, list(_VARIANTS), n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
+        raise ValueError(f"unknown model {name!r}{hint}")
+    return _VARIANTS[name]
+
+
+def default_config(name: str) -> CvTConfig:
+    return get_variant(name).config
+
+
+def _fit_config(name: str | None, ckpt: Checkpoint | None, num_classes: int | None, overrides: dict) -> CvTConfig:
+    """The config to build: the named variant's, or the checkpoint's where it carries one, then the overrides."""
+    cfg = default_config(name) if name else None
+    if ckpt is not None and ckpt.config is not None:
+        if cfg is not None and not cfg.same_architecture(ckpt.config):
+            diff = [f for f in ARCHITECTURE_FIELDS if getattr(cfg, f) != getattr(ckpt.config, f)]
+            raise CheckpointError(
+                f"{ckpt.path} holds another architecture than {name!r} (differs in {', '.join(diff)}); "
+                "build it with cvt.from_pretrained(path) or name the matching model"
+            )
+        # The checkpoint's architecture; regularisation and activation stay the variant's defaults.
+        base = cfg if cfg is not None else CvTConfig()
+        keep = {f: getattr(ckpt.config, f) for f in ARCHITECTURE_FIELDS + ("num_classes",)}
+        cfg = base.replace(**keep)
+        if name is None:
+            cfg = cfg.replace(drop_path_rate=ckpt.config.drop_path_rate, act=ckpt.config.act)
+    elif ckpt is not None and cfg is None:
+        cfg = infer_config(ckpt)
+    elif ckpt is not None and "head.weight" in ckpt.state_dict:
+        cfg = cfg.replace(num_classes=ckpt.state_dict["head.weight"].shape[0])
+    if num_classes is not None:
+        cfg = cfg.replace(num_classes=num_classes)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def infer_config(ckpt: Checkpoint) -> CvTConfig:
+    """The registered variant whose weight shapes match a config-less checkpoint (the authors' files)."""
+    sd = ckpt.state_dict
+    dims = tuple(sd[k].shape[0] for k in sorted(k for k in sd if k.endswith("patch_embed.proj.weight")))
+    depths = tuple(
+        len({k.split(".")[3] for k in sd if k.startswith(f"stages.{i}.blocks.")}) for i in range(len(dims))
+    )
+    for variant in _VARIANTS.values():
+        c = variant.config
+        if c.embed_dims == dims and c.depths == depths:
+            num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+            return c.replace(num_classes=num_classes, in_chans=sd["stages.0.patch_embed.proj.weight"].shape[1])
+    raise CheckpointError(
+        f"cannot tell which CvT {ckpt.path} holds (embed dims {dims}, depths {depths}); name the model, "
+        f"one of {', '.join(list_models())}"
+    )
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: str | os.PathLike | bool | None = None,
+    num_classes: int | None = None,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2),
+    **overrides: Any,
+) -> CvT:
+    """Build a registered CvT, optionally from local weights.
+
+    num_classes: None keeps the checkpoint's (or the variant's: 1000 for the paper's models); another number
+        than the checkpoint's gets a freshly initialised head (with a warning).
+    features_only: a backbone whose forward returns the NCHW maps of `out_indices` (strides 4/8/16).
+    overrides: any `CvTConfig` field, e.g. `depths=(1, 2, 2)`, `act="gelu"`, `drop_path_rate=0.2`.
+    """
+    ckpt = _read(pretrained)
+    cfg = _fit_config(name, ckpt, num_classes, overrides)
+    return _build(cfg, ckpt, features_only, out_indices)
+
+
+def from_pretrained(
+    path: str | os.PathLike, *, features_only: bool = False, out_indices: Sequence[int] = (0, 1, 2), **overrides: Any
+) -> CvT:
+    """Build the model a checkpoint describes (its config, or the registered variant its shapes match)."""
+    ckpt = _read(path)
+    num_classes = overrides.pop("num_classes", None)
+    cfg = _fit_config(None, ckpt, num_classes, overrides)
+    model = _build(cfg, ckpt, features_only, out_indices)
+    model.class_names = ckpt.class_names
+    return model
+
+
+def _read(pretrained: Any) -> Checkpoint | None:
+    if pretrained is None or pretrained is False:
+        return None
+    return read_checkpoint(pretrained)
+
+
+def _build(cfg: CvTConfig, ckpt: Checkpoint | None, features_only: bool, out_indices: Sequence[int]) -> CvT:
+    model = CvT(cfg)
+    if ckpt is not None:
+        load_into(model, ckpt)
+    if features_only:
+        model.as_backbone(out_indices)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm: `timm.create_model("cvt_13")` after `import cvt`
+# ---------------------------------------------------------------------------------------------------------------
+def _register_with_timm() -> None:
+    try:
+        from timm.models import register_model
+        from timm.models._registry import _model_entrypoints
+    except ImportError:  # timm is a dependency, but the model must not need it to import
+        return
+
+    def make_entry(variant_name: str):
+        def entry(pretrained: Any = False, **kwargs: Any) -> CvT:
+            # timm passes its own pretrained_cfg arguments; weights here only ever come from local files.
+            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+                kwargs.pop(key, None)
+            return create_model(variant_name, pretrained=pretrained or None, **kwargs)
+
+        entry.__name__ = variant_name
+        entry.__module__ = __name__
+        entry.__doc__ = _VARIANTS[variant_name].description
+        return entry
+
+    for variant_name in _VARIANTS:
+        if variant_name not in _model_entrypoints:
+            register_model(make_entry(variant_name))
+
+
+_register_with_timm()

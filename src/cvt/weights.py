@@ -1,0 +1,422 @@
+"""Reading, converting and writing CvT weights in the three formats people have.
+
+- "authors": microsoft/CvT checkpoints (`CvT-13-224x224-IN-1k.pth`): keys `stage{i}.…`, maybe wrapped in
+  `{"state_dict": …}` / `{"model": …}` or prefixed `module.` by DDP.
+- "hf": a directory saved by transformers' `CvtForImageClassification.save_pretrained` (`config.json` +
+  `model.safetensors` or `pytorch_model.bin`), keys `cvt.encoder.stages.{i}.…`.
+- "cvt": this project's `model.safetensors` whose metadata carries the config and the class names (a
+  `config.json` beside it says the same).
+
+Every conversion goes through our key names; the rename tables below are the whole mapping, each direction a few
+regexes, safe to run twice. Pickled files are read with `torch.load(weights_only=True)` only: a pickle that
+would run code is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import CvTConfig
+
+FORMATS = ("cvt", "hf", "authors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read or does not fit the model; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key mappings (ours <-> theirs)
+# ---------------------------------------------------------------------------------------------------------------
+_BLOCK = "cvt.encoder.stages.{i}.layers.{j}."
+_ATTN = _BLOCK + "attention.attention."
+_QKV = (("q", "query"), ("k", "key"), ("v", "value"))
+# (our key prefix, Hugging Face's key prefix); {i} is the stage, {j} the block. This table is the whole mapping.
+_HF_NAMES = [
+    ("stages.{i}.patch_embed.proj.", "cvt.encoder.stages.{i}.embedding.convolution_embeddings.projection."),
+    ("stages.{i}.patch_embed.norm.", "cvt.encoder.stages.{i}.embedding.convolution_embeddings.normalization."),
+    ("stages.{i}.cls_token", "cvt.encoder.stages.{i}.cls_token"),
+    ("stages.{i}.blocks.{j}.norm1.", _BLOCK + "layernorm_before."),
+    ("stages.{i}.blocks.{j}.norm2.", _BLOCK + "layernorm_after."),
+    *[
+        (f"stages.{{i}}.blocks.{{j}}.attn.conv_proj_{s}.{ours}.", _ATTN + f"convolution_projection_{name}.convolution_projection.{theirs}.")
+        for s, name in _QKV
+        for ours, theirs in (("conv", "convolution"), ("bn", "normalization"))
+    ],
+    *[(f"stages.{{i}}.blocks.{{j}}.attn.proj_{s}.", _ATTN + f"projection_{name}.") for s, name in _QKV],
+    ("stages.{i}.blocks.{j}.attn.proj.", _BLOCK + "attention.output.dense."),
+    ("stages.{i}.blocks.{j}.mlp.fc1.", _BLOCK + "intermediate.dense."),
+    ("stages.{i}.blocks.{j}.mlp.fc2.", _BLOCK + "output.dense."),
+    ("norm.", "layernorm."),
+    ("head.", "classifier."),
+]
+_AUTHORS_NAMES = [("stages.{i}.", "stage{i}.")]
+
+
+def _rules(table: list[tuple[str, str]], reverse: bool = False) -> list[tuple[re.Pattern, str]]:
+    """Prefix templates -> (compiled regex, format template) pairs, in either direction."""
+    rules = []
+    for src, dst in table:
+        if reverse:
+            src, dst = dst, src
+        pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+        rules.append((re.compile("^" + pattern), dst))
+    return rules
+
+
+_OURS_TO_HF, _HF_TO_OURS = _rules(_HF_NAMES), _rules(_HF_NAMES, reverse=True)
+_OURS_TO_AUTHORS, _AUTHORS_TO_OURS = _rules(_AUTHORS_NAMES), _rules(_AUTHORS_NAMES, reverse=True)
+
+
+def _rename(state_dict: dict[str, torch.Tensor], rules: list[tuple[re.Pattern, str]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, template in rules:
+            m = pattern.match(key)
+            if m:
+                key = template.format(**m.groupdict()) + key[m.end():]
+                break
+        out[key] = value
+    return out
+
+
+def detect_format(state_dict: dict[str, Any]) -> str:
+    keys = list(state_dict)
+    if any(k.startswith("cvt.encoder.") for k in keys):
+        return "hf"
+    if any(re.match(r"stage\d+\.", k) for k in keys):
+        return "authors"
+    if any(k.startswith("stages.") for k in keys):
+        return "cvt"
+    raise CheckpointError(
+        "not a CvT state dict: expected keys like 'stage0.patch_embed.proj.weight' (authors), "
+        f"'cvt.encoder.stages.0…' (Hugging Face) or 'stages.0…' (cvt); found e.g. {keys[:3]}"
+    )
+
+
+def _strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    # DDP ("module."), torch.compile ("_orig_mod.") and CvtModel without its classifier ("encoder." -> "cvt.encoder.")
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith("encoder.stages."):
+            k = "cvt." + k
+        out[k] = v
+    return out
+
+
+def to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any supported key layout -> ours. Idempotent."""
+    state_dict = _strip_prefixes(state_dict)
+    fmt = detect_format(state_dict)
+    if fmt == "hf":
+        return _rename(state_dict, _HF_TO_OURS)
+    if fmt == "authors":
+        return _rename(state_dict, _AUTHORS_TO_OURS)
+    return dict(state_dict)
+
+
+def from_ours(state_dict: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """Our key layout -> `fmt` ("cvt", "hf" or "authors")."""
+    if fmt == "hf":
+        return _rename(state_dict, _OURS_TO_HF)
+    if fmt == "authors":
+        return _rename(state_dict, _OURS_TO_AUTHORS)
+    if fmt == "cvt":
+        return dict(state_dict)
+    raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs (Hugging Face's CvtConfig <-> ours)
+# ---------------------------------------------------------------------------------------------------------------
+def config_from_hf(hf: dict[str, Any]) -> CvTConfig:
+    n = len(hf["embed_dim"])
+
+    def scalar(name: str, default: Any) -> Any:
+        v = hf.get(name, default)
+        return max(v) if isinstance(v, list) else v
+
+    cls = hf.get("cls_token", [False] * (n - 1) + [True])
+    if any(cls[:-1]):
+        raise CheckpointError("this Hugging Face CvT puts a cls token before the last stage, which CvT never does")
+    for name, expected in (("stride_q", 1), ("kernel_qkv", 3), ("padding_q", 1), ("padding_kv", 1)):
+        values = set(hf.get(name, [expected] * n))
+        if name.startswith("padding"):
+            expected = scalar("kernel_qkv", 3) // 2
+        if len(values) != 1 or (name != "kernel_qkv" and values != {expected}):
+            raise CheckpointError(f"this Hugging Face CvT has {name}={sorted(values)}, which this library does not build")
+    if set(hf.get("qkv_projection_method", ["dw_bn"])) != {"dw_bn"}:
+        raise CheckpointError("only the 'dw_bn' convolutional projection (every released CvT) is supported")
+    num_labels = len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 1000)
+    return CvTConfig(
+        embed_dims=hf["embed_dim"],
+        num_heads=hf["num_heads"],
+        depths=hf["depth"],
+        patch_sizes=hf.get("patch_sizes", [7, 3, 3]),
+        patch_strides=hf.get("patch_stride", [4, 2, 2]),
+        patch_paddings=hf.get("patch_padding", [2, 1, 1]),
+        mlp_ratio=float(scalar("mlp_ratio", 4.0)),
+        qkv_bias=bool(scalar("qkv_bias", True)),
+        kernel_qkv=int(scalar("kernel_qkv", 3)),
+        stride_kv=int(scalar("stride_kv", 2)),
+        stride_q=1,
+        cls_token=bool(cls[-1]),
+        drop_rate=float(scalar("drop_rate", 0.0)),
+        attn_drop_rate=float(scalar("attention_drop_rate", 0.0)),
+        drop_path_rate=tuple(float(r) for r in hf.get("drop_path_rate", [0.0] * (n - 1) + [0.1])),
+        in_chans=hf.get("num_channels", 3),
+        num_classes=num_labels,
+    )
+
+
+def config_to_hf(cfg: CvTConfig, class_names: list[str] | None = None) -> dict[str, Any]:
+    n = cfg.num_stages
+    names = class_names or [f"LABEL_{i}" for i in range(cfg.num_classes)]
+    return {
+        "architectures": ["CvtForImageClassification"],
+        "model_type": "cvt",
+        "num_channels": cfg.in_chans,
+        "patch_sizes": list(cfg.patch_sizes),
+        "patch_stride": list(cfg.patch_strides),
+        "patch_padding": list(cfg.patch_paddings),
+        "embed_dim": list(cfg.embed_dims),
+        "num_heads": list(cfg.num_heads),
+        "depth": list(cfg.depths),
+        "mlp_ratio": [cfg.mlp_ratio] * n,
+        "attention_drop_rate": [cfg.attn_drop_rate] * n,
+        "drop_rate": [cfg.drop_rate] * n,
+        "drop_path_rate": list(cfg.drop_path_rate),
+        "qkv_bias": [cfg.qkv_bias] * n,
+        "cls_token": [False] * (n - 1) + [cfg.cls_token],
+        "qkv_projection_method": ["dw_bn"] * n,
+        "kernel_qkv": [cfg.kernel_qkv] * n,
+        "padding_kv": [cfg.kernel_qkv // 2] * n,
+        "stride_kv": [cfg.stride_kv] * n,
+        "padding_q": [cfg.kernel_qkv // 2] * n,
+        "stride_q": [cfg.stride_q] * n,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12,
+        "id2label": {str(i): name for i, name in enumerate(names)},
+        "label2id": {name: i for i, name in enumerate(names)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """Weights in our key layout, plus what the file said about the model (None where it says nothing)."""
+
+    state_dict: dict[str, torch.Tensor]
+    source_format: str
+    path: str
+    config: CvTConfig | None = None
+    class_names: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _hub_hint(spec: Any) -> str:
+    return (
+        f"pretrained={spec!r}: weights are never downloaded; pass a local file or folder instead: the authors' "
+        "'CvT-13-224x224-IN-1k.pth', a folder saved by transformers' save_pretrained (config.json + "
+        "model.safetensors), or a cvt 'model.safetensors'"
+    )
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear line
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text or "Unpickler" in type(e).__name__:
+            raise CheckpointError(
+                f"refused to load {path}: it is a pickle that would import or run code "
+                f"({text.splitlines()[0] if text else type(e).__name__}); only plain tensors are loaded"
+            ) from None
+        raise CheckpointError(f"could not read {path}: truncated or not a PyTorch checkpoint ({type(e).__name__})") from None
+
+
+def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"could not read {path}: truncated or not a safetensors file ({e})") from None
+
+
+def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict inside a loaded object, and the rest of a training checkpoint's dict."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "module"):
+            if isinstance(obj.get(key), dict):
+                rest = {k: v for k, v in obj.items() if k != key}
+                return obj[key], rest
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj, {}
+    raise CheckpointError(f"{path} holds no state dict (expected tensors, or a dict with 'state_dict' or 'model')")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not read {path}: {e}") from None
+
+
+def _config_from_json(d: dict[str, Any], path: Path) -> tuple[CvTConfig, list[str] | None]:
+    if d.get("model_type") == "cvt":
+        cfg = config_from_hf(d)
+        names = [d["id2label"][str(i)] for i in range(len(d["id2label"]))] if "id2label" in d else None
+        return cfg, names
+    if d.get("format") == "cvt" and "config" in d:
+        return CvTConfig.from_dict(d["config"]), d.get("class_names")
+    raise CheckpointError(f"{path} is not a CvT config (neither Hugging Face's model_type 'cvt' nor cvt's own)")
+
+
+def read_checkpoint(spec: str | os.PathLike) -> Checkpoint:
+    """Read any supported checkpoint from a local file or folder into our key layout."""
+    if spec is True or (isinstance(spec, str) and not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", spec)):
+        raise CheckpointError(_hub_hint(spec))
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    config = class_names = None
+    extra: dict[str, Any] = {}
+    if path.is_dir():
+        cfg_path = path / "config.json"
+        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()), None)
+        if weights is None:
+            raise CheckpointError(f"{path} is a folder without model.safetensors or pytorch_model.bin")
+        if cfg_path.exists():
+            config, class_names = _config_from_json(_read_json(cfg_path), cfg_path)
+        path = weights
+    elif (path.parent / "config.json").exists() and path.suffix == ".safetensors":
+        try:
+            config, class_names = _config_from_json(_read_json(path.parent / "config.json"), path.parent / "config.json")
+        except CheckpointError:
+            pass  # an unrelated config.json beside the file; the file's own metadata may still say
+    if path.suffix == ".safetensors":
+        state_dict, meta = _safetensors_load(path)
+        if "cvt_config" in meta:
+            config = CvTConfig.from_dict(json.loads(meta["cvt_config"]))
+            class_names = json.loads(meta["class_names"]) if "class_names" in meta else class_names
+    else:
+        state_dict, extra = _unwrap(_torch_load(path), path)
+    try:
+        fmt = detect_format(_strip_prefixes(state_dict))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return Checkpoint(to_ours(state_dict), fmt, str(path), config, class_names, extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitting a checkpoint to a model
+# ---------------------------------------------------------------------------------------------------------------
+def _list(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_into(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Strictly copy `ckpt` into `model`. A classifier of another size is re-initialised (with a warning);
+    anything else that does not fit is a `CheckpointError` naming the missing, unexpected and mis-shaped keys."""
+    state = dict(ckpt.state_dict)
+    own = model.state_dict()
+    head_keys = [k for k in state if k.startswith("head.")]
+    if not any(k.startswith("head.") for k in own):
+        for k in head_keys:  # a model built without a classifier (num_classes=0) takes none
+            state.pop(k)
+    elif head_keys and any(k in own and state[k].shape != own[k].shape for k in head_keys):
+        ckpt_classes = state["head.weight"].shape[0] if "head.weight" in state else "?"
+        warnings.warn(
+            f"{ckpt.path} has a {ckpt_classes}-class head; the model has {model.num_classes} classes, "
+            "so its head was re-initialised (train it before use)",
+            stacklevel=3,
+        )
+        for k in head_keys:
+            state[k] = own[k]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_list(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_list(unexpected)}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es) (checkpoint vs model): {_list(mismatched)}")
+        raise CheckpointError(f"{ckpt.path} does not fit this model (another architecture?): " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+
+
+def save_weights(
+    state_dict: dict[str, torch.Tensor],
+    config: CvTConfig,
+    dst: str | os.PathLike,
+    fmt: str = "cvt",
+    class_names: list[str] | None = None,
+) -> Path:
+    """Write weights (our key layout) as `fmt`:
+    - "cvt": `dst` is a `.safetensors` file carrying the config and class names; `config.json` goes beside it;
+    - "hf": `dst` is a folder like `save_pretrained` writes (config.json + model.safetensors);
+    - "authors": `dst` is a `.pth` file of the authors' keys (their code has no config file).
+    """
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    tensors = _contiguous(from_ours(state_dict, fmt))
+    if fmt == "hf":
+        hf_cfg = config_to_hf(config, class_names)
+        _atomic_write(dst / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        _atomic_write(dst / "config.json", lambda p: p.write_text(json.dumps(hf_cfg, indent=2)))
+        return dst
+    if fmt == "authors":
+        _atomic_write(dst, lambda p: torch.save(tensors, p))
+        return dst
+    meta = {"format": "pt", "cvt_config": json.dumps(config.to_dict())}
+    if class_names is not None:
+        meta["class_names"] = json.dumps(list(class_names))
+    _atomic_write(dst, lambda p: save_file(tensors, str(p), metadata=meta))
+    beside = {"format": "cvt", "config": config.to_dict(), "class_names": class_names, "weights": dst.name}
+    _atomic_write(dst.parent / "config.json", lambda p: p.write_text(json.dumps(beside, indent=2)))
+    return dst
