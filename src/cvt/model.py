@@ -253,6 +253,7 @@ class CvT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_classes = cfg.num_classes
+        self.class_names: list[str] | None = None  # set when weights come with names (cvt, Hugging Face formats)
         self.num_features = self.head_hidden_size = cfg.num_features
         stages, in_chans = [], cfg.in_chans
         for i in range(cfg.num_stages):
@@ -301,6 +302,7 @@ class CvT(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh head for `num_classes` classes (0: no head, `forward` returns pooled features)."""
         self.num_classes = num_classes
+        self.class_names = None
         self.cfg = self.cfg.replace(num_classes=num_classes)
         device = self.norm.weight.device
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()

@@ -143,9 +143,7 @@ def from_pretrained(
     ckpt = _read(path)
     num_classes = overrides.pop("num_classes", None)
     cfg = _fit_config(None, ckpt, num_classes, overrides)
-    model = _build(cfg, ckpt, features_only, out_indices)
-    model.class_names = ckpt.class_names
-    return model
+    return _build(cfg, ckpt, features_only, out_indices)
 
 
 def _read(pretrained: Any) -> Checkpoint | None:
@@ -158,6 +156,8 @@ def _build(cfg: CvTConfig, ckpt: Checkpoint | None, features_only: bool, out_ind
     model = CvT(cfg)
     if ckpt is not None:
         load_into(model, ckpt)
+        if ckpt.class_names is not None and len(ckpt.class_names) == cfg.num_classes:
+            model.class_names = list(ckpt.class_names)
     if features_only:
         model.as_backbone(out_indices)
     return model

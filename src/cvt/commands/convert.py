@@ -1,0 +1,43 @@
+"""`cvt convert SRC DST`: weights from any supported format to any other.
+
+The destination format follows DST unless `--to` says: a `.safetensors` file -> cvt's own, a `.pth`/`.pt` file ->
+the authors', anything else (a folder) -> Hugging Face's `save_pretrained` layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="checkpoint file or folder (authors' .pth, Hugging Face folder, cvt .safetensors)")
+    parser.add_argument("dst", help="output: NAME.safetensors (cvt), NAME.pth (authors'), or a folder (Hugging Face)")
+    parser.add_argument("--to", choices=("cvt", "hf", "authors"), default=None, help="output format (default: from DST)")
+    parser.add_argument("--model", default=None, help="registered model name, when SRC carries no config")
+    parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+
+
+def target_format(dst: Path) -> str:
+    if dst.suffix == ".safetensors":
+        return "cvt"
+    if dst.suffix in (".pth", ".pt", ".bin"):
+        return "authors"
+    return "hf"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..registry import create_model, from_pretrained
+    from ..weights import save_weights
+
+    src, dst = Path(args.src), Path(args.dst)
+    fmt = args.to or target_format(dst)
+    if dst.exists() and not args.force and (dst.is_file() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    if src.resolve() == dst.resolve():
+        raise ValueError("SRC and DST are the same path")
+    model = create_model(args.model, pretrained=src) if args.model else from_pretrained(src)
+    class_names = getattr(model, "class_names", None)
+    save_weights(model.state_dict(), model.cfg, dst, fmt=fmt, class_names=class_names)
+    print(f"wrote {dst} ({fmt} format, {model.cfg.num_classes} classes)")
+    return 0
