@@ -214,7 +214,7 @@ class Stage(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.cls_token and last else None
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         # authors: stochastic depth rises linearly within each stage, from 0 to the stage's rate
-        rates = torch.linspace(0, cfg.drop_path_rate[index], cfg.depths[index]).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate[index], cfg.depths[index], device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(dim, cfg.num_heads[index], r, cfg) for r in rates)
         self.grad_checkpointing = False
 

@@ -73,28 +73,27 @@ def default_config(name: str) -> CvTConfig:
 
 
 def _fit_config(name: str | None, ckpt: Checkpoint | None, num_classes: int | None, overrides: dict) -> CvTConfig:
-    """The config to build: the named variant's, or the checkpoint's where it carries one, then the overrides."""
-    cfg = default_config(name) if name else None
-    if ckpt is not None and ckpt.config is not None:
-        if cfg is not None and not cfg.same_architecture(ckpt.config):
+    """The config to build: the named variant's (or the checkpoint's) with the overrides, and the checkpoint's
+    class count unless `num_classes` says otherwise."""
+    if name is not None:
+        cfg = default_config(name).replace(**overrides)
+        if ckpt is not None and ckpt.config is not None and not cfg.same_architecture(ckpt.config):
             diff = [f for f in ARCHITECTURE_FIELDS if getattr(cfg, f) != getattr(ckpt.config, f)]
             raise CheckpointError(
                 f"{ckpt.path} holds another architecture than {name!r} (differs in {', '.join(diff)}); "
                 "build it with cvt.from_pretrained(path) or name the matching model"
             )
-        # The checkpoint's architecture; regularisation and activation stay the variant's defaults.
-        base = cfg if cfg is not None else CvTConfig()
-        keep = {f: getattr(ckpt.config, f) for f in ARCHITECTURE_FIELDS + ("num_classes",)}
-        cfg = base.replace(**keep)
-        if name is None:
-            cfg = cfg.replace(drop_path_rate=ckpt.config.drop_path_rate, act=ckpt.config.act)
-    elif ckpt is not None and cfg is None:
-        cfg = infer_config(ckpt)
-    elif ckpt is not None and "head.weight" in ckpt.state_dict:
+    elif ckpt is not None:
+        cfg = (ckpt.config or infer_config(ckpt)).replace(**overrides)
+    else:
+        raise ValueError("name a model or give a checkpoint")
+    if ckpt is not None and "head.weight" in ckpt.state_dict:
         cfg = cfg.replace(num_classes=ckpt.state_dict["head.weight"].shape[0])
+    elif ckpt is not None and ckpt.config is not None:
+        cfg = cfg.replace(num_classes=ckpt.config.num_classes)
     if num_classes is not None:
         cfg = cfg.replace(num_classes=num_classes)
-    return cfg.replace(**overrides) if overrides else cfg
+    return cfg
 
 
 def infer_config(ckpt: Checkpoint) -> CvTConfig:

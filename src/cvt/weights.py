@@ -342,7 +342,7 @@ def load_into(model: nn.Module, ckpt: Checkpoint) -> None:
     if not any(k.startswith("head.") for k in own):
         for k in head_keys:  # a model built without a classifier (num_classes=0) takes none
             state.pop(k)
-    elif head_keys and any(k in own and state[k].shape != own[k].shape for k in head_keys):
+    elif "head.weight" in state and state["head.weight"].shape[0] != own["head.weight"].shape[0]:
         ckpt_classes = state["head.weight"].shape[0] if "head.weight" in state else "?"
         warnings.warn(
             f"{ckpt.path} has a {ckpt_classes}-class head; the model has {model.num_classes} classes, "

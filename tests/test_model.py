@@ -1,0 +1,301 @@
+"""The model library: sizes, costs, the timm interface over every registered variant, and clear errors."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import cvt
+from cvt.model import CvT, LayerNorm
+from cvt.weights import CheckpointError
+
+PAPER_PARAMS = {"cvt_13": 19_997_480, "cvt_21": 31_622_696, "cvt_w24": 277_196_392}
+
+
+@pytest.mark.parametrize("name,expected", PAPER_PARAMS.items())
+def test_paper_parameter_counts(name, expected):
+    with torch.device("meta"):
+        model = cvt.create_model(name, num_classes=1000)
+    assert cvt.param_count(model) == expected
+
+
+def test_cvt13_macs_match_the_paper():
+    model = cvt.create_model("cvt_13")
+    assert 4.5e9 <= cvt.count_macs(model, 224) <= 4.6e9
+    assert 16.2e9 <= cvt.count_macs(model, 384) <= 16.4e9
+
+
+# A tiny input that every variant accepts (the paper's models need 3x3 at least; the small ones 1x1).
+def _tiny_size(name: str) -> tuple[int, int]:
+    return (40, 48) if name in PAPER_PARAMS else (20, 24)
+
+
+def _shrunk(name: str) -> CvT:
+    """The variant with 1 block a stage: same code paths (cls token, strides, widths), a fraction of the time."""
+    cfg = cvt.default_config(name)
+    return cvt.create_model(name, depths=(1,) * cfg.num_stages, num_classes=7)
+
+
+@pytest.mark.parametrize("name", cvt.list_models())
+def test_variant_trains_and_is_finite(name):
+    torch.manual_seed(0)
+    model = _shrunk(name).train()
+    x = torch.randn(2, model.cfg.in_chans, *_tiny_size(name))
+    out = model(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    # The logits read the cls token only, so the last block's spatial queries get no gradient through them
+    # (in the authors' model too); the tokens' loss reaches those.
+    (out.square().sum() + model.forward_features(x).square().mean()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, f"parameters without a finite gradient: {no_grad}"
+    zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    assert not zero, f"parameters whose gradient is all zero: {zero}"
+
+
+@pytest.mark.parametrize("name", cvt.list_models())
+def test_grad_checkpointing_same_outputs_and_grads(name):
+    torch.manual_seed(0)
+    model = _shrunk(name).train()
+    x = torch.randn(2, model.cfg.in_chans, *_tiny_size(name))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def run(checkpointing: bool):
+        model.load_state_dict(state)
+        model.zero_grad()
+        model.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return out.detach(), grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+    out_plain, grads_plain, buffers_plain = run(False)
+    out_ckpt, grads_ckpt, buffers_ckpt = run(True)
+    assert torch.allclose(out_plain, out_ckpt, atol=1e-6)
+    for n in grads_plain:
+        assert torch.allclose(grads_plain[n], grads_ckpt[n], atol=1e-5, rtol=1e-4), n
+    # BatchNorm running statistics are updated once, not again by the recomputation
+    for k in buffers_plain:
+        assert torch.allclose(buffers_plain[k], buffers_ckpt[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("name", cvt.list_models())
+def test_feature_info_matches_maps(name):
+    model = _shrunk(name).eval()
+    backbone = cvt.create_model(name, depths=(1,) * model.cfg.num_stages, features_only=True).eval()
+    h, w = _tiny_size(name)
+    maps = backbone(torch.randn(1, model.cfg.in_chans, h, w))
+    assert len(maps) == len(backbone.feature_info) == model.cfg.num_stages
+    for fmap, info in zip(maps, backbone.feature_info):
+        assert fmap.shape[1] == info["num_chs"]
+        r = info["reduction"]
+        # each token embedding pads by (kernel - 1) / 2, so sizes are ceil(side / reduction)
+        assert fmap.shape[-2:] == (-(-h // r), -(-w // r))
+
+
+def test_features_only_subset_and_no_unused_parameters():
+    backbone = cvt.create_model("cvt_13", depths=(1, 1, 1), features_only=True, out_indices=(0, 1))
+    assert [i["reduction"] for i in backbone.feature_info] == [4, 8]
+    assert len(backbone.stages) == 2  # the third stage would never run
+    maps = backbone(torch.randn(1, 3, 64, 64))
+    sum(m.sum() for m in maps).backward()
+    assert all(p.grad is not None for p in backbone.parameters())
+    with pytest.raises(ValueError, match="out_indices"):
+        cvt.create_model("cvt_13", features_only=True, out_indices=(0, 5))
+
+
+def test_any_input_size_and_batch_one():
+    model = cvt.create_model("cvt_13", depths=(1, 1, 1)).eval()
+    with torch.no_grad():
+        for shape in [(1, 3, 224, 224), (1, 3, 97, 131), (3, 3, 64, 32), (1, 3, 3, 3)]:
+            out = model(torch.randn(*shape))
+            assert out.shape == (shape[0], 1000) and torch.isfinite(out).all()
+
+
+def test_eval_matches_train_mode_batchnorm_math():
+    """The eval fast path folds BatchNorm into the depthwise convolution; it must equal conv then BN."""
+    from cvt.model import ConvProjection
+
+    proj = ConvProjection(8, 3, 2)
+    with torch.no_grad():
+        proj.bn.running_mean.normal_()
+        proj.bn.running_var.uniform_(0.5, 2)
+        proj.bn.weight.normal_()
+        proj.bn.bias.normal_()
+    proj.eval()
+    x = torch.randn(2, 8, 9, 7)
+    expected = proj.bn(proj.conv(x)).flatten(2).transpose(1, 2)
+    assert torch.allclose(proj(x), expected, atol=1e-5)
+
+
+def test_timm_interface():
+    import timm
+
+    model = timm.create_model("cvt_13", depths=(1, 1, 1), num_classes=5)
+    assert isinstance(model, CvT) and model.num_classes == 5
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 1 + 4 * 4, 384)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 384)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 384)
+    assert model.no_weight_decay() == {"stages.2.cls_token"}
+
+
+def test_drop_path_rises_within_each_stage():
+    model = cvt.create_model("cvt_13")
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in model.stages[2].blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
+    assert all(a < b for a, b in zip(rates, rates[1:]))
+    assert all(getattr(b.drop_path, "drop_prob", 0.0) == 0.0 for s in model.stages[:2] for b in s.blocks)
+
+
+def test_layernorm_runs_in_float32_under_autocast():
+    ln = LayerNorm(16)
+    x = (torch.randn(4, 16) * 100 + 1000).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ln(x)
+    assert out.dtype == torch.bfloat16
+    expected = torch.nn.functional.layer_norm(x.float(), (16,)).bfloat16()
+    assert torch.equal(out, expected)
+
+
+def test_bf16_autocast_forward_is_finite():
+    model = cvt.create_model("cvt_13", depths=(1, 1, 1)).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 64, 64))
+    assert torch.isfinite(out.float()).all()
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+def test_wrong_channels_too_small_wrong_rank():
+    model = cvt.create_model("cvt_13", depths=(1, 1, 1))
+    with pytest.raises(ValueError, match="3-channel images, got 1 channels"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="too small.*at least 3x3"):
+        model(torch.randn(1, 3, 2, 64))
+    with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
+        model(torch.randn(3, 64, 64))
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(embed_dims=(64, 190, 384)), "not divisible by num_heads"),
+        (dict(depths=()), "one per stage"),
+        (dict(embed_dims=(), num_heads=(), depths=(), patch_sizes=(), patch_strides=(), patch_paddings=(), drop_path_rate=()), "at least one stage"),
+        (dict(act="relu"), "act must be one of"),
+        (dict(depths=(1, 0, 2)), "positive integers"),
+        (dict(drop_path_rate=1.5), r"drop_path_rate must be in \[0, 1\)"),
+        (dict(num_classes=-1), "num_classes"),
+        (dict(stride_q=2), "stride_q must be 1"),
+        (dict(mystery=3), "unknown CvT config field"),
+    ],
+)
+def test_invalid_config_is_a_clear_error(fields, message):
+    with pytest.raises(ValueError, match=message):
+        cvt.create_model("cvt_13", **fields)
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ValueError, match="did you mean cvt_13"):
+        cvt.create_model("cvt13")
+
+
+def test_hub_ids_get_a_local_file_hint():
+    for spec in ("microsoft/cvt-13", True):
+        with pytest.raises(CheckpointError, match="never downloaded; pass a local file"):
+            cvt.create_model("cvt_13", pretrained=spec)
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    other = cvt.create_model("cvt_13", depths=(1, 2, 3), embed_dims=(64, 192, 256), num_heads=(1, 3, 4))
+    path = tmp_path / "other.pth"
+    torch.save(cvt.weights.from_ours(other.state_dict(), "authors"), path)
+    with pytest.raises(CheckpointError, match=r"does not fit.*unexpected|does not fit.*missing"):
+        cvt.create_model("cvt_13", depths=(1, 2, 4), pretrained=path)
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        cvt.create_model("cvt_13", depths=(1, 2, 3), pretrained=path)
+    # a config-carrying checkpoint names the fields that differ
+    cvt.save_weights(other.state_dict(), other.cfg, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="another architecture.*embed_dims"):
+        cvt.create_model("cvt_13", pretrained=tmp_path / "other.safetensors")
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    model = cvt.create_model("cvt_13", depths=(1, 1, 1), num_classes=3)
+    full = tmp_path / "full.pth"
+    torch.save(model.state_dict(), full)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):
+        cvt.from_pretrained(cut)
+    cvt.save_weights(model.state_dict(), model.cfg, tmp_path / "w.safetensors")
+    cut_st = tmp_path / "cut.safetensors"
+    cut_st.write_bytes((tmp_path / "w.safetensors").read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated or not a safetensors"):
+        cvt.from_pretrained(cut_st)
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "resnet.pth")
+    with pytest.raises(CheckpointError, match="not a CvT state dict"):
+        cvt.from_pretrained(tmp_path / "resnet.pth")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        cvt.from_pretrained(tmp_path / "nope.pth")
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"x": _Evil(str(marker))}}, buf)
+    assert not marker.exists()
+    path = tmp_path / "evil.pth"
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(CheckpointError, match="refused"):
+        cvt.from_pretrained(path)
+    assert not marker.exists()
+    # plain pickle too (not a torch zip file)
+    path2 = tmp_path / "evil2.pth"
+    path2.write_bytes(pickle.dumps({"x": _Evil(str(marker))}))
+    with pytest.raises(CheckpointError):
+        cvt.from_pretrained(path2)
+    assert not marker.exists()
+
+
+def test_other_class_count_reinitialises_head_with_warning(tmp_path):
+    model = cvt.create_model("cvt_13", depths=(1, 1, 1), num_classes=10)
+    cvt.save_weights(model.state_dict(), model.cfg, tmp_path / "w.safetensors", class_names=list("abcdefghij"))
+    same = cvt.create_model("cvt_13", depths=(1, 1, 1), pretrained=tmp_path / "w.safetensors")
+    assert same.num_classes == 10 and same.class_names == list("abcdefghij")
+    with pytest.warns(UserWarning, match="10-class head.*re-initialised"):
+        other = cvt.create_model("cvt_13", depths=(1, 1, 1), pretrained=tmp_path / "w.safetensors", num_classes=4)
+    assert other.head.weight.shape == (4, 384) and other.class_names is None
+    assert torch.equal(other.stages[0].patch_embed.proj.weight, model.stages[0].patch_embed.proj.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        headless = cvt.create_model("cvt_13", depths=(1, 1, 1), pretrained=tmp_path / "w.safetensors", num_classes=0)
+    assert headless.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 384)
+
+
+def test_key_mappings_are_idempotent_and_invertible():
+    from cvt.weights import from_ours, to_ours
+
+    sd = cvt.create_model("cvt_13", depths=(1, 1, 2)).state_dict()
+    for fmt in ("hf", "authors", "cvt"):
+        theirs = from_ours(sd, fmt)
+        assert to_ours(theirs).keys() == sd.keys()
+        assert to_ours(to_ours(theirs)).keys() == sd.keys()
+    ddp = {"module." + k: v for k, v in from_ours(sd, "authors").items()}
+    assert to_ours(ddp).keys() == sd.keys()
