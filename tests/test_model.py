@@ -299,3 +299,15 @@ def test_key_mappings_are_idempotent_and_invertible():
         assert to_ours(to_ours(theirs)).keys() == sd.keys()
     ddp = {"module." + k: v for k, v in from_ours(sd, "authors").items()}
     assert to_ours(ddp).keys() == sd.keys()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from cvt.cli import main
+
+    assert main(["convert", "microsoft/cvt-13", str(tmp_path / "x.safetensors")]) == 2
+    assert main(["convert", "--model", "cvt13", str(tmp_path / "nope"), str(tmp_path / "x.safetensors")]) == 2
+    assert main(["convert", str(tmp_path / "nope.pth"), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3
+    assert "never downloaded" in err[0] and "did you mean cvt_13" in err[1] and "does not exist" in err[2]
+    assert not (tmp_path / "x.safetensors").exists()

@@ -130,6 +130,7 @@ def create_model(
     features_only: a backbone whose forward returns the NCHW maps of `out_indices` (strides 4/8/16).
     overrides: any `CvTConfig` field, e.g. `depths=(1, 2, 2)`, `act="gelu"`, `drop_path_rate=0.2`.
     """
+    get_variant(name)  # an unknown name is reported before any file is read
     ckpt = _read(pretrained)
     cfg = _fit_config(name, ckpt, num_classes, overrides)
     return _build(cfg, ckpt, features_only, out_indices)

@@ -230,7 +230,7 @@ class Checkpoint:
 
 def _hub_hint(spec: Any) -> str:
     return (
-        f"pretrained={spec!r}: weights are never downloaded; pass a local file or folder instead: the authors' "
+        f"pretrained={spec if spec is True else str(spec)!r}: weights are never downloaded; pass a local file or folder instead: the authors' "
         "'CvT-13-224x224-IN-1k.pth', a folder saved by transformers' save_pretrained (config.json + "
         "model.safetensors), or a cvt 'model.safetensors'"
     )
@@ -291,7 +291,7 @@ def _config_from_json(d: dict[str, Any], path: Path) -> tuple[CvTConfig, list[st
 
 def read_checkpoint(spec: str | os.PathLike) -> Checkpoint:
     """Read any supported checkpoint from a local file or folder into our key layout."""
-    if spec is True or (isinstance(spec, str) and not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", spec)):
+    if spec is True or (not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec))):
         raise CheckpointError(_hub_hint(spec))
     path = Path(spec)
     if not path.exists():
