@@ -1,0 +1,74 @@
+"""The benchmark at a tiny size: it runs end to end and reports every figure. No timing is asserted here (a test
+machine's speed proves nothing); the figures themselves live in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cvt.bench import BenchConfig, run_benchmark, to_markdown, write_markdown_section
+from cvt.cli import main
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def result():
+    # cvt_small at 32 px: the port builds it too (it needs more than i blocks in stage i). One thread: on a
+    # shared machine every multi-threaded op of a small model can wait a scheduler tick for its second thread.
+    cfg = BenchConfig(
+        model="cvt_small", img_size=32, infer_batches=(1, 2), train_batch=2, rounds=1, min_time=0.0, matmul_size=128,
+        threads=1,
+    )
+    return run_benchmark(cfg, command="pytest")
+
+
+def test_every_figure_is_there_and_positive(result):
+    json.dumps(result)  # plain data
+    assert result["max_abs_logit_diff"] <= 1e-4  # the two implementations compute the same function
+    assert result["model"]["macs_per_image"] > 0 and result["model"]["params"] > 0
+    for batch in ("1", "2"):
+        row = result["infer"][batch]
+        for impl in ("ours", "hf"):
+            assert row[impl]["images_per_s"] > 0
+        assert row["speedup_vs_hf"] > 0 and row["ours"]["fraction_of_matmul"] > 0
+    train = result["train"]["2"]
+    assert train["ours"]["images_per_s"] > 0 and train["hf"]["images_per_s"] > 0 and train["speedup_vs_hf"] > 0
+    assert result["matmul"]["macs_per_s"] > 0
+    mem = result["memory"]
+    for impl in ("ours", "hf"):
+        assert mem[impl]["peak_rss_bytes"] >= mem[impl]["rss_before_steps_bytes"] > 0
+    assert mem["ratio"] > 0
+    machine = result["machine"]
+    assert machine["cpu"] and machine["torch_threads"] >= 1 and machine["torch"] and machine["transformers"]
+
+
+def test_markdown_section_replaces_itself_and_keeps_notes(result, tmp_path):
+    text = to_markdown(result)
+    assert "| inference | 1 | cvt (ours) |" in text and "peak RSS" in text and "`pytest`" in text
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nhand-written notes\n")
+    write_markdown_section(path, "k", text)
+    write_markdown_section(path, "k", "second run")
+    write_markdown_section(path, "other", "another setting")
+    content = path.read_text()
+    assert "hand-written notes" in content and "second run" in content and "another setting" in content
+    assert "cvt (ours)" not in content and content.count("<!-- bench:k -->") == 1
+
+
+def test_cli_writes_json(tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["bench", "--model", "cvt_small", "--img-size", "32", "--batch-sizes", "2", "--rounds", "1",
+            "--tasks", "infer", "--min-time", "0", "--threads", "1", "--json", str(out), "--markdown", str(tmp_path / "R.md")]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["infer"]["2"]["ours"]["images_per_s"] > 0 and "train" not in data
+    assert "cvt_small" in (tmp_path / "R.md").read_text()
+
+
+def test_cli_rejects_bad_options(capsys):
+    assert main(["bench", "--tasks", "infer,fly"]) == 2
+    assert "unknown fly" in capsys.readouterr().err
+    assert main(["bench", "--model", "cvt_tiny", "--tasks", "infer"]) == 2  # the port cannot build cvt_tiny
+    assert "transformers' port cannot build" in capsys.readouterr().err
