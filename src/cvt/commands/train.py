@@ -1,0 +1,119 @@
+"""`cvt train`: a thin layer over `cvt.engine.fit`. Settings: TrainConfig defaults < --config recipe < flags.
+
+    cvt train --config configs/fashion_mnist_demo.yaml --out runs/demo
+    torchrun --nproc_per_node 2 -m cvt.cli train --config ...      # DistributedDataParallel, same global batch
+    cvt train --out runs/demo --resume                              # continue runs/demo/checkpoint.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+# flag -> TrainConfig field (the flags every user reaches for; --set KEY=VALUE reaches every other field)
+FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--data", "data", str, "fashion-mnist (default) or imagefolder:PATH with PATH/train/<class>/*, PATH/val/<class>/*"),
+    ("--data-dir", "data_dir", str, "folder of the four Fashion-MNIST .gz files (default: /usr/share/datasets/fashion-mnist)"),
+    ("--model", "model", str, "a model from `cvt zoo` (default cvt_tiny, or the --pretrained checkpoint's)"),
+    ("--pretrained", "pretrained", str, "start from these weights (authors' .pth, Hugging Face folder, cvt .safetensors)"),
+    ("--epochs", "epochs", int, "epochs to train"),
+    ("--batch-size", "batch_size", int, "images per optimizer step, over all processes"),
+    ("--accum-steps", "accum_steps", int, "gradient accumulation steps per optimizer step"),
+    ("--img-size", "img_size", int, "training/eval image side (default: 28 for Fashion-MNIST, else the model's)"),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay (never on norms, biases, cls token)"),
+    ("--warmup-epochs", "warmup_epochs", float, "linear warm-up epochs"),
+    ("--ema-decay", "ema_decay", float, "EMA of the weights (0: off)"),
+    ("--clip-grad", "clip_grad", float, "clip the global gradient norm to this"),
+    ("--amp", "amp", str, "mixed precision: auto, none, bf16, fp16 (auto: bf16 on CUDA, none on CPU)"),
+    ("--seed", "seed", int, "random seed (data order, augmentation, initialisation)"),
+    ("--device", "device", str, "cpu, cuda or cuda:N (default: cuda when available)"),
+    ("--num-workers", "num_workers", int, "DataLoader workers per process (default: 0 for Fashion-MNIST, else a share of the CPUs)"),
+    ("--eval-every", "eval_every", int, "evaluate every N epochs (the last always)"),
+    ("--out", "out", str, "run folder (default runs/train)"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="YAML", help="a recipe from configs/ (flags override it)")
+    for flag, name, kind, help_text in FLAGS:
+        parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+    parser.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                        help="torch.compile the model")
+    parser.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const", const=True,
+                        default=None, help="recompute activations in backward to save memory")
+    parser.add_argument("--strict-data", dest="strict_data", action="store_const", const=True, default=None,
+                        help="an unreadable image is an error (default: skipped, counted in summary.json)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other recipe setting, value in YAML (e.g. --set mixup=0.8, "
+                             "--set model_args.drop_path_rate=0.1); repeatable")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                        help="continue a run: its checkpoint.pt or run folder (no value: the --out folder)")
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            raise ValueError(f"--set {key}: cannot read {raw!r} as a YAML value") from None
+        if key.startswith("model_args."):
+            out.setdefault("model_args", {})[key.split(".", 1)[1]] = value
+        else:
+            out[key] = value
+    return out
+
+
+def setup_logging() -> None:
+    """Log lines to stderr; under torchrun only rank 0 says more than warnings."""
+    logger = logging.getLogger("cvt")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine import Interrupted, fit, load_state
+    from ..recipe import TrainConfig, build_config, load_recipe
+
+    setup_logging()
+    flags = {name: getattr(args, name) for _, name, _, _ in FLAGS if getattr(args, name) is not None}
+    for name in ("compile", "grad_checkpointing", "strict_data"):
+        if getattr(args, name):
+            flags[name] = True
+    settings = parse_settings(args.settings)
+    recipe = load_recipe(args.config) if args.config else {}
+    base, resume = None, None
+    if args.resume:
+        out = flags.get("out") or settings.get("out") or recipe.get("out") or TrainConfig.out
+        resume = out if args.resume is True else args.resume
+        state, _ = load_state(resume)
+        base = dict(state["config"])
+    cfg = build_config(base, recipe, settings, flags)
+    try:
+        summary = fit(cfg, resume=resume, progress=True)
+    except Interrupted as e:
+        print(f"cvt train: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
+    if os.environ.get("RANK", "0") == "0":
+        best = f" (best {summary['best_top1']:.2f}%)" if summary["best_top1"] is not None else ""
+        print(
+            f"{summary['model']}: final top-1 {summary['final_top1']:.2f}%{best}, top-5 {summary['final_top5']:.2f}% "
+            f"on {summary['val_images']} images; {summary['train_seconds']:.0f} s training, "
+            f"{summary['images_per_s']:.0f} images/s; run folder {cfg.out}"
+        )
+        if summary["skipped_files"]:
+            print(f"skipped {summary['skipped_files']} unreadable file(s); listed in {cfg.out}/summary.json")
+    return 0

@@ -1,0 +1,537 @@
+"""Data for training and evaluation: Fashion-MNIST from its IDX files, or an image folder.
+
+Both sources hand the training loop uint8 batches `(B, C, H, W)`; `BatchTransform` then does what is cheap on
+whole batches on the training device: random shifts and flips of in-memory data, scaling and normalisation,
+random erasing (timm). Per-image work on files (decode, RandomResizedCrop, flip, RandAugment) runs in DataLoader
+workers with torchvision's `transforms.v2` and timm's RandAugment.
+
+Randomness is a function of (seed, epoch, sample or step), not of worker count or history, so a run resumed at
+any step sees the same data, in the same order, with the same augmentation as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import math
+import os
+import random
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's package dataset-fashion-mnist
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)  # of the 60,000 training images
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preprocessing: what a checkpoint needs to see images the way it was trained (saved as preprocess.json)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preprocess:
+    img_size: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float = 0.875  # evaluation: resize the short side to img_size / crop_pct, centre-crop img_size
+    interpolation: str = "bicubic"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        return cls(
+            img_size=int(d["img_size"]), in_chans=int(d["in_chans"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+            crop_pct=float(d.get("crop_pct", 0.875)), interpolation=str(d.get("interpolation", "bicubic")),
+        )
+
+    @classmethod
+    def default_for(cls, in_chans: int, img_size: int) -> "Preprocess":
+        """What cvt's own recipes use: Fashion-MNIST statistics for grey models, ImageNet's for colour ones."""
+        mean, std = (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if in_chans == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+        if len(mean) != in_chans:
+            mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+        return cls(img_size=img_size, in_chans=in_chans, mean=mean, std=std)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fashion-MNIST
+# ---------------------------------------------------------------------------------------------------------------
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (MNIST's format: magic 0 0 <type> <ndim>, big-endian int32 sizes, data), gzipped or not."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}i", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(shape):
+        raise ValueError(f"{path} is truncated: header says {shape} ({math.prod(shape)} bytes), found {data.size}")
+    return data.reshape(shape)
+
+
+def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
+    """The folder holding the four Fashion-MNIST files: `data_dir`, else Debian's /usr/share/datasets/fashion-mnist."""
+    folder = Path(data_dir) if data_dir else FASHION_MNIST_DIR
+    names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
+    missing = [n for n in names if not (folder / n).exists() and not (folder / n[:-3]).exists()]
+    if missing:
+        where = f"--data-dir {folder}" if data_dir else str(folder)
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {where} (missing {', '.join(missing)}). Install it with "
+            "'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu; files land in "
+            f"{FASHION_MNIST_DIR}), or put the four files from https://github.com/zalandoresearch/fashion-mnist "
+            "(data/fashion) in a folder and pass --data-dir FOLDER"
+        )
+    return folder
+
+
+def load_fashion_mnist(split: str, data_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images `(N, 1, 28, 28)` and int64 labels `(N,)` of the "train" (60,000) or "test" (10,000) split."""
+    folder = find_fashion_mnist(data_dir)
+
+    def pick(name: str) -> Path:
+        return folder / name if (folder / name).exists() else folder / name[:-3]
+
+    images_file, labels_file = FASHION_MNIST_FILES[split]
+    images, labels = read_idx(pick(images_file)), read_idx(pick(labels_file))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST {split} files in {folder} disagree: images {images.shape}, labels {labels.shape}")
+    if labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"Fashion-MNIST {split} labels in {folder} go up to {labels.max()}; expected 0-9")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+class TensorImages(Dataset):
+    """In-memory uint8 images; indexed by a list of indices, it returns a whole batch (no per-image Python)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return self.images[idx], self.labels[idx], []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image folders
+# ---------------------------------------------------------------------------------------------------------------
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def class_folders(root: str | os.PathLike, split: str) -> list[str]:
+    """The class names of ROOT/split: its visible sub-folders, sorted."""
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist; expected {folder}/<class>/<image>")
+    return [d.name for d in _visible_dirs(folder)]
+
+
+def scan_image_folder(root: str | os.PathLike, split: str, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, class index) pairs of ROOT/split/<class>/* (any depth below the class folder), and the class names.
+
+    Class names come from the folders of the train split; `classes` (the train split's) checks a val split
+    against them. Hidden files and folders are ignored; extensions match case-insensitively.
+    """
+    root = Path(root)
+    folder = root / split
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{root} has no '{split}' folder; expected {root}/{split}/<class>/<image>")
+    found = [d.name for d in _visible_dirs(folder)]
+    if not found:
+        raise ValueError(f"{folder} has no class folders; expected {folder}/<class>/<image>")
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(
+                f"{folder} has class folder(s) the train split lacks: {', '.join(unknown[:5])}"
+                + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            )
+    samples: list[tuple[str, int]] = []
+    for name in found:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(folder / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [
+                os.path.join(dirpath, f) for f in sorted(filenames)
+                if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+            ]
+        if not files and split == "train":
+            raise ValueError(f"class folder {folder / name} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        samples += [(f, classes.index(name)) for f in files]
+    if not samples:
+        raise ValueError(f"{folder} holds no images")
+    return samples, classes
+
+
+def open_image(path: str | os.PathLike, in_chans: int):
+    """A PIL image in the mode the model takes ("L" for 1 channel, "RGB" for 3); raises on unreadable files."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16/32-bit grey: PIL's convert("L") clips at 255 instead of scaling, so scale by hand.
+        arr = np.asarray(img, dtype=np.float32)
+        top = 1.0 if img.mode == "F" and arr.max() <= 1.0 else (255.0 if arr.max() <= 255 else 65535.0)
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    if in_chans == 1:
+        return img.convert("L")
+    img = img.convert("RGB")
+    if in_chans == 3:
+        return img
+    raise ValueError(f"images can be read as 1 or 3 channels, the model takes {in_chans}")
+
+
+class ImageFiles(Dataset):
+    """Images from files through a PIL transform; an unreadable file yields None (the collate drops it and
+    reports its path), so one broken file costs one image, not the run."""
+
+    def __init__(self, samples: list[tuple[str, int]], in_chans: int, transform, seed: int | None = None):
+        self.samples, self.in_chans, self.transform = samples, in_chans, transform
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        if self.seed is not None:
+            # Augmentation randomness is a function of (seed, epoch, index): the same whatever worker runs it.
+            seed_everything(_mix(self.seed, self.epoch, index))
+        try:
+            img = open_image(path, self.in_chans)
+        except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable"
+            return None, label, f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        return self.transform(img), label, None
+
+
+def collate_skipping(batch: list, refill: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack the readable images; the errors of the others come along for the training loop to report.
+    `refill` (training) repeats readable images of the batch in place of unreadable ones, so batches keep their
+    size: pairs for mixup, and equal work for every DDP rank."""
+    good = [(x, y) for x, y, err in batch if err is None]
+    errors = [err for _, _, err in batch if err is not None]
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), errors
+    if refill:
+        good += [good[i % len(good)] for i in range(len(batch) - len(good))]
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), errors
+
+
+def collate_refilling(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    return collate_skipping(batch, refill=True)
+
+
+def file_transform(pre: Preprocess, train: bool, randaugment: str | None = None, color_jitter: float = 0.0,
+                   crop_scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5):
+    """PIL image -> uint8 tensor `(C, H, W)`: torchvision v2 crops/flips/jitter and timm's RandAugment.
+    Scaling, normalisation and random erasing happen later, on the batch (`BatchTransform`)."""
+    from torchvision.transforms import v2
+
+    interp = getattr(v2.InterpolationMode, pre.interpolation.upper())
+    size = pre.img_size
+    if not train:
+        resize = size if pre.crop_pct >= 1 else int(math.floor(size / pre.crop_pct))
+        return v2.Compose([v2.Resize(resize, interpolation=interp), v2.CenterCrop(size), v2.PILToTensor()])
+    ops: list = [v2.RandomResizedCrop(size, scale=crop_scale, interpolation=interp)]
+    if hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(hflip))
+    if randaugment:
+        from timm.data.auto_augment import rand_augment_transform
+
+        fill = tuple(round(255 * m) for m in pre.mean)
+        hparams = dict(translate_const=int(size * 0.45), img_mean=fill if pre.in_chans == 3 else fill[0])
+        hparams["interpolation"] = _pil_interpolation(pre.interpolation)
+        ops.append(rand_augment_transform(randaugment, hparams))
+    elif color_jitter > 0:
+        ops.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
+    ops.append(v2.PILToTensor())
+    return v2.Compose(ops)
+
+
+def _pil_interpolation(name: str) -> int:
+    from PIL import Image
+
+    return {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch transforms (on the training device)
+# ---------------------------------------------------------------------------------------------------------------
+class BatchTransform:
+    """uint8 `(B, C0, H0, W0)` -> normalised float `(B, C, S, S)`: channel conversion, resize, and for training
+    random shifts/flips (in-memory data; files were augmented per image already) and timm's random erasing.
+    Uses the global RNG, which the training loop seeds per step."""
+
+    def __init__(self, pre: Preprocess, train: bool = False, shift: int = 0, hflip: float = 0.0, reprob: float = 0.0):
+        self.pre, self.train, self.shift, self.hflip = pre, train, shift, hflip
+        self.erasing = None
+        if train and reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erasing = RandomErasing(reprob, mode="pixel", device="cpu")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre
+        if self.train and self.shift > 0:
+            x = random_shift(x, self.shift)
+        if self.train and self.hflip > 0:
+            flip = torch.rand(x.shape[0], device=x.device) < self.hflip
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = x.float().div_(255)
+        if x.shape[1] != pre.in_chans:
+            x = _convert_channels(x, pre.in_chans)
+        if x.shape[-2:] != (pre.img_size, pre.img_size):
+            x = F.interpolate(x, size=(pre.img_size, pre.img_size), mode=pre.interpolation,
+                              antialias=pre.interpolation != "nearest", align_corners=None).clamp_(0, 1)
+        mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+        if self.erasing is not None:
+            self.erasing.device = x.device
+            x = self.erasing(x)
+        return x
+
+
+def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Translate each image by its own random offset in [-pad, pad] pixels (zero fill): RandomCrop(padding=pad),
+    batched, since torchvision's v2 crops apply one offset to a whole batch."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device)
+    ox = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device)
+    rows = (oy + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (ox + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+    out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _convert_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x.expand(-1, in_chans, -1, -1)
+    if in_chans == 1 and x.shape[1] == 3:
+        weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)  # ITU-R 601, as PIL's "L"
+        return (x * weights).sum(1, keepdim=True)
+    raise ValueError(f"cannot feed {x.shape[1]}-channel images to a {in_chans}-channel model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samplers and loaders
+# ---------------------------------------------------------------------------------------------------------------
+def _mix(*values: int) -> int:
+    """A deterministic 63-bit seed from integers (Python's hash() of tuples is not stable across versions)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (timm's augmentations draw from all three)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class EpochBatches(Sampler):
+    """This process's batches of one epoch: a shuffled shard (DistributedSampler, seeded by seed and epoch) cut
+    into batches, optionally starting at batch `start` (a resumed epoch skips what it already did, unread)."""
+
+    def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int, drop_last: bool = True):
+        self.sampler = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=True)
+        self.batch_size, self.drop_last, self.start = batch_size, drop_last, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.start = start
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        full = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return full - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        it = iter(self.sampler)
+        batches = iter(lambda: list(itertools.islice(it, self.batch_size)), [])
+        for i, batch in enumerate(batches):
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            if i >= self.start:
+                yield batch
+
+
+class ShardBatches(Sampler):
+    """Evaluation: this process's share (every world-th image, no padding or duplicates) in fixed batches."""
+
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.indices = list(range(rank, size, world))
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(0, len(self.indices), self.batch_size):
+            yield self.indices[i : i + self.batch_size]
+
+
+@dataclass
+class DataBundle:
+    train: DataLoader | None
+    val: DataLoader
+    train_batches: EpochBatches | None
+    train_dataset: Dataset | None
+    classes: list[str]
+    native_chans: int  # channels of the data as stored (1 for Fashion-MNIST, 3 for image folders)
+    native_size: int | None  # side of in-memory images; None for files
+
+
+def parse_data(spec: str) -> tuple[str, str | None]:
+    if spec == "fashion-mnist":
+        return "fashion-mnist", None
+    if spec.startswith("imagefolder:") and len(spec) > len("imagefolder:"):
+        return "imagefolder", spec[len("imagefolder:"):]
+    raise ValueError(f"--data must be 'fashion-mnist' or 'imagefolder:PATH' (PATH/train/<class>/*), got {spec!r}")
+
+
+def data_info(spec: str) -> tuple[int, int | None]:
+    """(channels, native side) of a data source without reading it: (1, 28) for Fashion-MNIST, (3, None) else."""
+    kind, _ = parse_data(spec)
+    return (1, 28) if kind == "fashion-mnist" else (3, None)
+
+
+def default_workers(device: torch.device, local_world: int = 1) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cpus // max(1, local_world))
+    # On a GPU the CPUs do nothing else; on a CPU run the workers take cores from the model.
+    return min(8, share) if device.type == "cuda" else max(1, share // 2)
+
+
+def build_data(
+    spec: str,
+    pre: Preprocess,
+    *,
+    data_dir: str | None = None,
+    train: bool = True,
+    batch_size: int = 128,
+    eval_batch_size: int = 256,
+    num_workers: int | None = None,
+    device: torch.device = torch.device("cpu"),
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+    randaugment: str | None = None,
+    color_jitter: float = 0.0,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    classes: Sequence[str] | None = None,
+) -> DataBundle:
+    """Loaders of uint8 batches: the training split (when `train`) sharded over `world` processes, and the
+    validation split (Fashion-MNIST's 10,000 test images, or PATH/val). `batch_size` is per process.
+    `classes` (a checkpoint's class names) fixes the label order; an image folder's val split may hold a subset."""
+    kind, root = parse_data(spec)
+    pin = device.type == "cuda"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if kind == "fashion-mnist":
+        workers = 0 if num_workers is None else num_workers  # indexing a tensor needs no workers
+        val_ds = TensorImages(*load_fashion_mnist("test", data_dir))
+        if classes is not None and list(classes) != FASHION_MNIST_CLASSES:
+            raise ValueError(f"the checkpoint's classes {list(classes)[:4]}... are not Fashion-MNIST's")
+        val = DataLoader(val_ds, sampler=ShardBatches(len(val_ds), eval_batch_size, rank, world), batch_size=None,
+                         num_workers=workers, pin_memory=pin)
+        train_loader = batches = train_ds = None
+        if train:
+            train_ds = TensorImages(*load_fashion_mnist("train", data_dir))
+            batches = EpochBatches(len(train_ds), batch_size, rank, world, seed)
+            train_loader = DataLoader(train_ds, sampler=batches, batch_size=None, num_workers=workers, pin_memory=pin)
+        return DataBundle(train_loader, val, batches, train_ds, list(FASHION_MNIST_CLASSES), 1, 28)
+
+    workers = default_workers(device, local_world) if num_workers is None else num_workers
+    if train:
+        train_samples, found = scan_image_folder(root, "train")
+        if classes is not None and found != list(classes):
+            raise ValueError(f"{root}/train has classes {found[:5]}..., expected {list(classes)[:5]}...")
+        classes = found
+    elif classes is None:
+        classes = class_folders(root, "train" if (Path(root) / "train").is_dir() else "val")
+    val_samples, _ = scan_image_folder(root, "val", list(classes))
+    common = dict(num_workers=workers, pin_memory=pin, collate_fn=collate_skipping)
+    val_ds = ImageFiles(val_samples, pre.in_chans, file_transform(pre, train=False))
+    val = DataLoader(val_ds, batch_sampler=ShardBatches(len(val_ds), eval_batch_size, rank, world), **common)
+    train_loader = batches = train_ds = None
+    if train:
+        tf = file_transform(pre, True, randaugment, color_jitter, crop_scale, hflip)
+        train_ds = ImageFiles(train_samples, pre.in_chans, tf, seed)
+        if len(train_ds) < batch_size * world:
+            raise ValueError(
+                f"{root}/train has {len(train_ds)} images, fewer than one batch of {batch_size * world}: "
+                "lower --batch-size"
+            )
+        batches = EpochBatches(len(train_ds), batch_size, rank, world, seed)
+        train_loader = DataLoader(train_ds, batch_sampler=batches, **{**common, "collate_fn": collate_refilling})
+    return DataBundle(train_loader, val, batches, train_ds, list(classes), 3, None)
+
+
+def set_epoch(bundle: DataBundle, epoch: int, start: int = 0) -> None:
+    """Shuffle for `epoch` and skip its first `start` batches (resuming mid-epoch)."""
+    bundle.train_batches.set_epoch(epoch, start)
+    if isinstance(bundle.train_dataset, ImageFiles):
+        bundle.train_dataset.epoch = epoch
+
+
+def preprocess_for(checkpoint: str | os.PathLike, in_chans: int, img_size: int | None = None,
+                   default_size: int = 224) -> Preprocess:
+    """How to feed images to a checkpoint: the preprocess.json a training run wrote beside it, else cvt's
+    defaults for its channel count; `img_size` overrides the side (resolution is free for CvT)."""
+    import json
+
+    path = Path(checkpoint)
+    beside = (path if path.is_dir() else path.parent) / "preprocess.json"
+    if beside.is_file():
+        try:
+            pre = Preprocess.from_dict(json.loads(beside.read_text()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{beside} is not a valid preprocessing record: {e}") from None
+        if pre.in_chans != in_chans:
+            raise ValueError(f"{beside} describes {pre.in_chans}-channel input, the model takes {in_chans}")
+    else:
+        pre = Preprocess.default_for(in_chans, default_size)
+    if img_size:
+        pre = Preprocess(img_size, pre.in_chans, pre.mean, pre.std, pre.crop_pct, pre.interpolation)
+    return pre

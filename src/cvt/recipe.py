@@ -1,0 +1,183 @@
+"""`TrainConfig`: everything a training run needs, as one validated dataclass; recipes are YAML files of its fields.
+
+Precedence, lowest first: the defaults below, a recipe (`--config configs/x.yaml`), then command-line flags. A
+resumed run starts from the recipe stored in its checkpoint instead of the defaults. YAML is read with
+`yaml.safe_load`; an unknown key is an error that names the key and the closest known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass
+class TrainConfig:
+    # ---- what to train --------------------------------------------------------------------------------------
+    # A registered variant (`cvt zoo`). None: "cvt_tiny", or the architecture a --pretrained checkpoint describes.
+    model: str | None = None
+    # CvTConfig fields to change, e.g. {drop_path_rate: 0.1, depths: [1, 2, 4]}.
+    model_args: dict[str, Any] = field(default_factory=dict)
+    # Local weights in any format `cvt.read_checkpoint` reads; the head is re-initialised for the new classes.
+    pretrained: str | None = None
+
+    # ---- data -----------------------------------------------------------------------------------------------
+    data: str = "fashion-mnist"  # or "imagefolder:PATH" with PATH/train/<class>/*, PATH/val/<class>/*
+    data_dir: str | None = None  # folder of the four Fashion-MNIST .gz files (default: Debian's)
+    img_size: int | None = None  # None: 28 for Fashion-MNIST, the model's own size for image folders
+    crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, centre-crop img_size
+    interpolation: str = "bicubic"
+    num_workers: int | None = None  # None: 0 for in-memory data, else a share of the CPUs
+    strict_data: bool = False  # an unreadable image is an error instead of being skipped and counted
+
+    # ---- optimisation ---------------------------------------------------------------------------------------
+    epochs: int = 10
+    steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (quick trials); None: the whole split
+    batch_size: int = 128  # global: images per optimizer step over all processes and accumulation steps
+    accum_steps: int = 1  # gradient accumulation: each process runs batch_size / (world * accum_steps) at a time
+    lr: float = 1e-3  # peak learning rate (no implicit scaling with the batch size)
+    weight_decay: float = 0.05  # AdamW; never on norms, biases and the cls token
+    warmup_epochs: float = 1.0  # linear warm-up from warmup_lr, per step
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5  # the cosine ends here ...
+    cooldown_epochs: float = 0.0  # ... and stays here for the last cooldown_epochs
+    clip_grad: float | None = None  # max global gradient norm
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.0  # 0: no EMA; else the EMA weights are evaluated and saved
+
+    # ---- augmentation ---------------------------------------------------------------------------------------
+    mixup: float = 0.0  # Beta(alpha, alpha) of Mixup; 0 off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of CutMix; 0 off
+    mixup_prob: float = 1.0  # chance a batch is mixed at all
+    mixup_switch_prob: float = 0.5  # chance of CutMix instead of Mixup when both are on
+    randaugment: str | None = None  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1" (image folders)
+    color_jitter: float = 0.0  # image folders; ignored when randaugment is set (as in timm)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (image folders)
+    shift: int = 0  # in-memory data (Fashion-MNIST): random translation of up to this many pixels
+    hflip: float = 0.5  # horizontal flip probability
+    reprob: float = 0.0  # random erasing probability (timm, per image, "pixel" mode)
+
+    # ---- machinery ------------------------------------------------------------------------------------------
+    amp: str = "auto"  # auto: bf16 (or fp16 + loss scaling) on CUDA, none on CPU
+    device: str | None = None  # None: cuda when available, else cpu
+    seed: int = 0
+    eval_every: int = 1  # evaluate every N epochs (the last epoch always)
+    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model (pays a compile at start; worth it on GPUs)
+    out: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crop_scale, list):
+            self.crop_scale = tuple(self.crop_scale)
+        self.validate()
+
+    # ---------------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, name: str, what: str) -> None:
+            if not cond:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(self.model is None or isinstance(self.model, str), "model", "a model name")
+        need(isinstance(self.model_args, dict), "model_args", "a mapping of CvTConfig fields")
+        need(isinstance(self.data, str) and bool(self.data), "data", "'fashion-mnist' or 'imagefolder:PATH'")
+        need(self.img_size is None or (is_int(self.img_size) and self.img_size >= 1), "img_size", "a positive integer")
+        need(is_num(self.crop_pct) and 0 < self.crop_pct <= 1, "crop_pct", "in (0, 1]")
+        need(self.interpolation in INTERPOLATIONS, "interpolation", f"one of {', '.join(INTERPOLATIONS)}")
+        need(self.num_workers is None or (is_int(self.num_workers) and self.num_workers >= 0), "num_workers", ">= 0")
+        need(is_int(self.epochs) and self.epochs >= 1, "epochs", "an integer >= 1")
+        need(self.steps_per_epoch is None or (is_int(self.steps_per_epoch) and self.steps_per_epoch >= 1),
+             "steps_per_epoch", "an integer >= 1 or null")
+        need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1")
+        need(is_int(self.accum_steps) and self.accum_steps >= 1, "accum_steps", "an integer >= 1")
+        need(is_num(self.lr) and self.lr > 0, "lr", "a positive number")
+        need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(is_num(self.warmup_epochs) and self.warmup_epochs >= 0, "warmup_epochs", ">= 0")
+        need(is_num(self.warmup_lr) and self.warmup_lr >= 0, "warmup_lr", ">= 0")
+        need(is_num(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", f"between 0 and lr ({self.lr})")
+        need(is_num(self.cooldown_epochs) and 0 <= self.cooldown_epochs < self.epochs, "cooldown_epochs",
+             "between 0 and epochs")
+        need(self.clip_grad is None or (is_num(self.clip_grad) and self.clip_grad > 0), "clip_grad", "> 0 or null")
+        need(is_num(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
+        need(is_num(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0: off)")
+        for name in ("mixup", "cutmix", "color_jitter"):
+            need(is_num(getattr(self, name)) and getattr(self, name) >= 0, name, ">= 0")
+        for name in ("mixup_prob", "mixup_switch_prob", "hflip", "reprob"):
+            need(is_num(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "in [0, 1]")
+        need(self.randaugment is None or (isinstance(self.randaugment, str) and self.randaugment.startswith("rand")),
+             "randaugment", "a timm RandAugment spec like 'rand-m9-mstd0.5-inc1' or null")
+        need(isinstance(self.crop_scale, tuple) and len(self.crop_scale) == 2 and all(is_num(v) for v in self.crop_scale)
+             and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "two numbers 0 < lo <= hi <= 1")
+        need(is_int(self.shift) and self.shift >= 0, "shift", "an integer >= 0")
+        need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
+        need(self.device is None or isinstance(self.device, str), "device", "cpu, cuda or cuda:N")
+        need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
+        need(is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "an integer >= 1")
+        need(isinstance(self.out, str) and bool(self.out), "out", "a folder path")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ValueError(f"batch_size must be even with mixup/cutmix (pairs are mixed), got {self.batch_size}")
+
+    # ---------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        check_keys(changes, "settings")
+        return dataclasses.replace(self, **changes)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def check_keys(d: dict[str, Any], where: str) -> None:
+    known = field_names()
+    for key in d:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
+            raise ValueError(f"unknown key {key!r} in {where}{hint}")
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """The settings in a YAML recipe (validated names; values are checked when the TrainConfig is built)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must be a mapping of settings (key: value), got {type(data).__name__}")
+    check_keys(data, f"recipe {path}")
+    return data
+
+
+def build_config(base: dict[str, Any] | None = None, *layers: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from `base` (e.g. a resumed run's settings) updated by each layer in turn."""
+    merged: dict[str, Any] = {}
+    for layer in (base or {}, *layers):
+        check_keys(layer, "settings")
+        for key, value in layer.items():
+            if key == "model_args" and isinstance(value, dict) and isinstance(merged.get(key), dict):
+                value = {**merged[key], **value}  # model_args merge field by field
+            merged[key] = value
+    return TrainConfig(**merged)
