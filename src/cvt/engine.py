@@ -515,7 +515,10 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
     model = build_model(cfg, state).to(device)
     model_name = cfg.model or ("cvt_tiny" if not cfg.pretrained else None)
     pre = Preprocess.default_for(model.cfg.in_chans, resolve_img_size(cfg, model_name))
-    pre = Preprocess(pre.img_size, pre.in_chans, pre.mean, pre.std, cfg.crop_pct, cfg.interpolation)
+    # In-memory data (Fashion-MNIST) is trained and evaluated on whole images, resized: record no crop, so that
+    # `cvt predict` on an image file sees it the same way.
+    crop_pct = 1.0 if data_info(cfg.data)[1] else cfg.crop_pct
+    pre = Preprocess(pre.img_size, pre.in_chans, pre.mean, pre.std, crop_pct, cfg.interpolation)
     data = build_data(
         cfg.data, pre, data_dir=cfg.data_dir, batch_size=micro, eval_batch_size=max(256, micro),
         num_workers=cfg.num_workers, device=device, rank=info.rank, world=info.world, seed=cfg.seed,

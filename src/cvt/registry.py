@@ -37,14 +37,17 @@ register_variant(
     "cvt_w24", "CvT-W24 (paper, Table 2; wide)", 384, True,
     embed_dims=(192, 768, 1024), num_heads=(3, 12, 16), depths=(2, 2, 20), drop_path_rate=0.3,
 )
-# Not from the paper: small CvTs for 28-64 px images (Fashion-MNIST, CIFAR). Same architecture; the first token
-# embedding is a 3x3 stride-1 convolution (a 7x7 stride-4 one would leave a 28 px image 7x7 tokens in stage 1),
-# so the three stages see 28/14/7 tokens a side at 28 px (output strides 1/2/4).
+# Not from the paper: small CvTs for 28-64 px images (Fashion-MNIST, CIFAR). Same architecture; 3x3 token
+# embeddings instead of the 7x7 stride-4 one (which would leave a 28 px image 7x7 tokens in stage 1).
+# cvt_tiny was chosen by measurement for `make demo` (README, "Training on Fashion-MNIST"): a stride-2 first
+# embedding (stages see 14/7/4 tokens a side at 28 px), MLP ratio 2 to afford a fourth block in stage 3, and exact
+# GELU (QuickGELU's three elementwise passes cost ~15% of its CPU training step). On 2 CPU cores it trains at
+# ~800 images/s and reaches ~91.8% on Fashion-MNIST in 7 epochs (under 9 minutes).
 register_variant(
-    "cvt_tiny", "not from the paper: 28-64 px images, output strides 1/2/4", 28, False,
-    embed_dims=(32, 64, 128), num_heads=(1, 2, 4), depths=(1, 1, 2),
-    patch_sizes=(3, 3, 3), patch_strides=(1, 2, 2), patch_paddings=(1, 1, 1), drop_path_rate=0.0,
-    num_classes=10,
+    "cvt_tiny", "not from the paper: 28-32 px images, output strides 2/4/8", 28, False,
+    embed_dims=(32, 64, 128), num_heads=(1, 2, 4), depths=(1, 2, 4), mlp_ratio=2.0,
+    patch_sizes=(3, 3, 3), patch_strides=(2, 2, 2), patch_paddings=(1, 1, 1), drop_path_rate=0.0,
+    act="gelu", num_classes=10,
 )
 register_variant(
     "cvt_small", "not from the paper: 32-64 px images, output strides 2/4/8", 32, False,

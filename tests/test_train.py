@@ -1,0 +1,305 @@
+"""End-to-end tests of `cvt train / eval / predict` at toy sizes: a generated image folder, fake Fashion-MNIST IDX
+files, resume after an interruption, and two-process DistributedDataParallel on CPU (gloo)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cvt
+from cvt.cli import main
+
+# A CvT small enough that a training step takes milliseconds.
+TINY = [
+    "--model", "cvt_tiny", "--set", "model_args.depths=[1,1,1]", "--set", "model_args.embed_dims=[16,32,64]",
+    "--set", "model_args.num_heads=[1,1,2]", "--num-workers", "0",
+]
+TINY_ARGS = dict(depths=(1, 1, 1), embed_dims=(16, 32, 64), num_heads=(1, 1, 2))
+CLASSES = ["bird", "cat", "dog"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: one thread is faster and immune to another process's load.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _image(rng: np.random.Generator, cls: int, size=(36, 40)) -> np.ndarray:
+    arr = rng.integers(0, 80, (*size, 3), dtype=np.uint8)
+    arr[..., cls] = 220  # each class its own dominant colour: learnable in a few steps
+    return arr
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """train/ (6 images a class, mixed formats and modes, one broken file, one hidden file) and val/ (3 a class)."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for c, name in enumerate(CLASSES):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = Image.fromarray(_image(rng, c))
+                if i == 1:
+                    img.save(d / f"{i}.JPG", quality=90)  # upper-case extension
+                elif i == 2:
+                    img.convert("RGBA").save(d / f"{i}.png")
+                elif i == 3:
+                    img.convert("P").save(d / f"{i}.png")
+                elif i == 4:
+                    Image.fromarray(_image(rng, c, (5, 7))).save(d / f"{i}.png")  # smaller than the crop
+                else:
+                    img.save(d / f"{i}.png")
+    (root / "train" / "cat" / "broken.jpg").write_bytes(b"this is not a JPEG")
+    (root / "train" / "dog" / ".hidden.png").write_bytes(b"ignored: hidden")
+    (root / "train" / "dog" / "notes.txt").write_text("ignored: not an image extension")
+    return root
+
+
+def _train(tmp, folder, *extra: str, out: str = "run") -> tuple[int, str]:
+    run = str(tmp / out)
+    argv = ["train", *TINY, "--data", f"imagefolder:{folder}", "--img-size", "32", "--batch-size", "4",
+            "--out", run, *extra]
+    return main(argv), run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, folder):
+    tmp = tmp_path_factory.mktemp("trained")
+    rc, run = _train(tmp, folder, "--epochs", "2", "--lr", "3e-3", "--ema-decay", "0.9")
+    assert rc == 0
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_run_directory(trained):
+    files = set(os.listdir(trained))
+    for name in ("metrics.jsonl", "summary.json", "model.safetensors", "config.json", "checkpoint.pt",
+                 "preprocess.json", "recipe.yaml", "curves.png", "confusion_matrix.png", "tensorboard"):
+        assert name in files, name
+    lines = [json.loads(line) for line in open(os.path.join(trained, "metrics.jsonl"))]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for r in lines:
+        assert set(r) >= {"epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_s", "seconds"}
+        assert np.isfinite(r["train_loss"]) and 0 <= r["val_top1"] <= r["val_top5"] <= 100
+    summary = json.load(open(os.path.join(trained, "summary.json")))
+    assert summary["epochs"] == 2 and summary["final_top1"] == lines[-1]["val_top1"]
+    assert summary["best_top1"] == max(r["val_top1"] for r in lines)
+    assert summary["val_images"] == 9 and summary["classes"] == 3
+    # the broken JPEG is skipped and counted; the hidden file and the .txt are not images at all
+    assert summary["skipped_files"] == 1 and summary["skipped"][0].endswith("broken.jpg")
+    model = cvt.create_model("cvt_tiny", pretrained=os.path.join(trained, "model.safetensors"), **TINY_ARGS)
+    assert summary["params"] == cvt.param_count(model) and model.num_classes == 3
+    assert cvt.from_pretrained(os.path.join(trained, "model.safetensors")).class_names == CLASSES
+    state = torch.load(os.path.join(trained, "checkpoint.pt"), weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 0 and state["ema"] is not None
+    assert os.listdir(os.path.join(trained, "tensorboard"))[0].startswith("events.out.tfevents")
+    for png in ("curves.png", "confusion_matrix.png"):
+        assert open(os.path.join(trained, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the saved weights are the evaluated ones (EMA on): the EMA in the checkpoint matches model.safetensors
+    saved = model.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in state["ema"].items() if k in saved)
+
+
+def test_eval_and_predict(trained, folder, capsys):
+    assert main(["eval", "--checkpoint", f"{trained}/model.safetensors", "--data", f"imagefolder:{folder}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    summary = json.load(open(f"{trained}/summary.json"))
+    assert report["images"] == 9 and report["classes"] == CLASSES
+    assert sum(map(sum, report["confusion"])) == 9
+    assert report["top1"] == pytest.approx(summary["final_top1"], abs=1e-6)  # the same weights, the same data
+    assert set(report["per_class_top1"]) == set(CLASSES)
+    assert os.path.exists(f"{trained}/eval/confusion_matrix.png")
+
+    good, broken = f"{folder}/val/dog/0.png", f"{folder}/train/cat/broken.jpg"
+    rc = main(["predict", "--checkpoint", trained, good, broken, "--top-k", "2", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 1  # one file failed; the other was still answered
+    out = json.loads(captured.out)
+    assert out[0]["image"] == good and len(out[0]["predictions"]) == 2
+    probs = [p["probability"] for p in out[0]["predictions"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert {p["class"] for p in out[0]["predictions"]} <= set(CLASSES)
+    assert "error" in out[1] and "broken.jpg" in captured.err
+    assert main(["predict", "--checkpoint", f"{trained}/model.safetensors", f"{folder}/val/cat"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(line.split(": ")[1].split()[0] in CLASSES for line in lines)
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypatch):
+    """SIGTERM mid-epoch writes a checkpoint; --resume then ends with exactly the weights of a run that was
+    never stopped (data order, RandAugment, mixup, random erasing, EMA, optimizer, schedule all restored)."""
+    extra = ["--epochs", "2", "--ema-decay", "0.9", "--set", "mixup=0.8", "--set", "cutmix=1.0",
+             "--set", "randaugment=rand-m9-mstd0.5-inc1", "--set", "reprob=0.25"]
+    rc, straight = _train(tmp_path, folder, *extra, out="straight")
+    assert rc == 0
+
+    from cvt import engine
+
+    real_update = engine._Progress.update
+
+    def stop_at(self, step, loss, lr):  # the user presses Ctrl-C / the scheduler sends SIGTERM
+        real_update(self, step, loss, lr)
+        if self.epoch == 1 and step == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(engine._Progress, "update", stop_at)
+    rc, resumed = _train(tmp_path, folder, *extra, out="resumed")
+    assert rc == 128 + signal.SIGTERM
+    state = torch.load(f"{resumed}/checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)
+    monkeypatch.setattr(engine._Progress, "update", real_update)
+    assert main(["train", "--out", resumed, "--resume"]) == 0
+
+    a = torch.load(f"{straight}/checkpoint.pt", weights_only=True)
+    b = torch.load(f"{resumed}/checkpoint.pt", weights_only=True)
+    for key in ("model", "ema"):
+        diff = max((a[key][k].double() - b[key][k].double()).abs().max().item() for k in a[key])
+        assert diff <= 1e-6, (key, diff)
+    ma = [json.loads(x) for x in open(f"{straight}/metrics.jsonl")]
+    mb = [json.loads(x) for x in open(f"{resumed}/metrics.jsonl")]
+    assert [r["val_top1"] for r in ma] == [r["val_top1"] for r in mb] and len(mb) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _write_idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def fake_fmnist(tmp_path_factory):
+    """The four IDX files of Fashion-MNIST's layout, with 64 training and 20 test images."""
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 64), ("t10k", 20)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, (n, 28, 28))
+        for i, y in enumerate(labels):
+            images[i, 2 * y : 2 * y + 4] = 250  # a bright band whose height encodes the class
+        _write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def test_fashion_mnist_files(tmp_path, fake_fmnist):
+    images, labels = cvt.data.load_fashion_mnist("train", fake_fmnist)
+    assert images.shape == (64, 1, 28, 28) and images.dtype == torch.uint8 and labels.tolist()[:3] == [0, 1, 2]
+    rc = main(["train", *TINY, "--data-dir", str(fake_fmnist), "--batch-size", "16", "--epochs", "2",
+               "--set", "shift=2", "--out", str(tmp_path / "fm")])
+    assert rc == 0
+    summary = json.load(open(tmp_path / "fm" / "summary.json"))
+    assert summary["val_images"] == 20 and summary["img_size"] == 28 and summary["classes"] == 10
+    # trained on whole 28x28 images: predict must not crop a file either
+    assert json.load(open(tmp_path / "fm" / "preprocess.json"))["crop_pct"] == 1.0
+    model = cvt.from_pretrained(tmp_path / "fm" / "model.safetensors")
+    assert model.cfg.in_chans == 1 and model.class_names == cvt.data.FASHION_MNIST_CLASSES
+    # a truncated file and a missing folder are one clear line each
+    broken = tmp_path / "broken"
+    shutil.copytree(fake_fmnist, broken)
+    data = gzip.decompress((broken / "t10k-images-idx3-ubyte.gz").read_bytes())
+    (broken / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(data[:-100]))
+    with pytest.raises(ValueError, match="truncated"):
+        cvt.data.load_fashion_mnist("test", broken)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        cvt.data.load_fashion_mnist("test", tmp_path / "nowhere")
+
+
+def test_finetune_pretrained_new_head_and_size(tmp_path, trained, fake_fmnist):
+    """3-class RGB weights at 32 px -> Fashion-MNIST (grey, 10 classes) at 40 px: new head, channels converted."""
+    rc = main(["train", "--pretrained", f"{trained}/model.safetensors", "--data-dir", str(fake_fmnist),
+               "--img-size", "40", "--batch-size", "16", "--epochs", "1", "--lr", "1e-9", "--warmup-epochs", "0",
+               "--set", "min_lr=0", "--set", "weight_decay=0", "--num-workers", "0", "--out", str(tmp_path / "ft")])
+    assert rc == 0
+    before = cvt.from_pretrained(f"{trained}/model.safetensors").state_dict()
+    after = cvt.from_pretrained(tmp_path / "ft" / "model.safetensors")
+    assert after.num_classes == 10 and after.cfg.in_chans == 3
+    assert json.load(open(tmp_path / "ft" / "preprocess.json"))["img_size"] == 40
+    # at lr ~0 the backbone is the pretrained one (BatchNorm running statistics aside)
+    w = "stages.2.blocks.0.mlp.fc1.weight"
+    assert torch.allclose(after.state_dict()[w], before[w], atol=1e-6)
+
+
+def test_recipe_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.001\nepochz: 3\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "epochz" in err and "epochs" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    bad.write_text("lr: -1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "lr must be a positive number" in capsys.readouterr().err
+    assert main(["train", "--data", "imagefolder:" + str(tmp_path / "none"), "--epochs", "1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_recipes_in_configs_are_valid():
+    from cvt.recipe import TrainConfig, load_recipe
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    recipes = sorted(f for f in os.listdir(root) if f.endswith(".yaml"))
+    assert len(recipes) >= 3
+    for name in recipes:
+        cfg = TrainConfig(**load_recipe(os.path.join(root, name)))
+        cvt.create_model(cfg.model or "cvt_tiny", **cfg.model_args)  # the model it names builds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from cvt import engine
+    from cvt.recipe import TrainConfig
+
+    seen = {}
+    real = engine.train_one_epoch
+
+    def spy(t, *args, **kwargs):  # keep a handle on this rank's model
+        seen["model"] = t.model
+        return real(t, *args, **kwargs)
+
+    engine.train_one_epoch = spy
+    cfg = TrainConfig(model="cvt_tiny", model_args=dict(TINY_ARGS), data=f"imagefolder:{folder}", img_size=32,
+                      batch_size=4, epochs=2, num_workers=0, out=out, device="cpu", mixup=0.8)
+    summary = engine.fit(cfg)
+    torch.save({"params": dict(seen["model"].named_parameters()), "summary": summary}, f"{out}/rank{rank}.pt")
+
+
+def test_ddp_two_cpu_processes_agree(tmp_path, folder):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "ddp")
+    os.makedirs(out)
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(folder), out), nprocs=2, start_method="spawn")
+    r0 = torch.load(f"{out}/rank0.pt", weights_only=True)
+    r1 = torch.load(f"{out}/rank1.pt", weights_only=True)
+    assert r0["summary"]["processes"] == 2
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    # rank 0 saved exactly what the ranks trained
+    saved = cvt.from_pretrained(f"{out}/model.safetensors").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in r0["params"].items())
+    # the two ranks evaluated disjoint halves: 9 val images counted once each
+    assert r0["summary"]["val_images"] == 9
