@@ -153,7 +153,8 @@ def class_folders(root: str | os.PathLike, split: str) -> list[str]:
     return [d.name for d in _visible_dirs(folder)]
 
 
-def scan_image_folder(root: str | os.PathLike, split: str, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_image_folder(root: str | os.PathLike, split: str, classes: list[str] | None = None,
+                      classes_from: str = "the train split") -> tuple[list[tuple[str, int]], list[str]]:
     """(path, class index) pairs of ROOT/split/<class>/* (any depth below the class folder), and the class names.
 
     Class names come from the folders of the train split; `classes` (the train split's) checks a val split
@@ -174,7 +175,7 @@ def scan_image_folder(root: str | os.PathLike, split: str, classes: list[str] | 
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise ValueError(
-                f"{folder} has class folder(s) the train split lacks: {', '.join(unknown[:5])}"
+                f"{folder} has class folder(s) {classes_from} lacks: {', '.join(unknown[:5])}"
                 + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             )
     samples: list[tuple[str, int]] = []
@@ -488,9 +489,11 @@ def build_data(
         if classes is not None and found != list(classes):
             raise ValueError(f"{root}/train has classes {found[:5]}..., expected {list(classes)[:5]}...")
         classes = found
-    elif classes is None:
+    from_checkpoint = classes is not None and not train
+    if classes is None:
         classes = class_folders(root, "train" if (Path(root) / "train").is_dir() else "val")
-    val_samples, _ = scan_image_folder(root, "val", list(classes))
+    val_samples, _ = scan_image_folder(root, "val", list(classes),
+                                       "the checkpoint" if from_checkpoint else "the train split")
     common = dict(num_workers=workers, pin_memory=pin, collate_fn=collate_skipping)
     val_ds = ImageFiles(val_samples, pre.in_chans, file_transform(pre, train=False))
     val = DataLoader(val_ds, batch_sampler=ShardBatches(len(val_ds), eval_batch_size, rank, world), **common)
