@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from cvt.bench import BenchConfig, run_benchmark, to_markdown, write_markdown_section
+from cvt.bench import BenchConfig, build_hf, build_ours, run_benchmark, to_markdown, write_markdown_section
 from cvt.cli import main
 
 pytest.importorskip("transformers")
@@ -70,5 +70,12 @@ def test_cli_writes_json(tmp_path):
 def test_cli_rejects_bad_options(capsys):
     assert main(["bench", "--tasks", "infer,fly"]) == 2
     assert "unknown fly" in capsys.readouterr().err
-    assert main(["bench", "--model", "cvt_tiny", "--tasks", "infer"]) == 2  # the port cannot build cvt_tiny
-    assert "transformers' port cannot build" in capsys.readouterr().err
+    assert main(["bench", "--model", "cvt_14", "--tasks", "infer"]) == 2
+    assert "unknown model 'cvt_14'" in capsys.readouterr().err
+
+
+def test_port_refuses_depths_it_cannot_build():
+    # transformers indexes stage i's drop-path rates with i, so it needs more than i blocks in stage i
+    ours = build_ours("cvt_tiny", depths=(1, 1, 2))
+    with pytest.raises(ValueError, match="transformers' port cannot build depths"):
+        build_hf(ours)
