@@ -274,13 +274,19 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class MeasurementError(ValueError):
+    """A measuring subprocess failed (out of memory, a missing library, a model the port cannot build); the
+    message carries the child's last line. A ValueError so the CLI shows it as one line: the child's own
+    traceback is in its stderr, not in this process, so ours would only point at this function."""
+
+
 def measure_memory(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """`memory_worker(spec)` in a fresh Python process; raises RuntimeError with the child's error on failure."""
+    """`memory_worker(spec)` in a fresh Python process; raises MeasurementError with the child's error on failure."""
     cmd = [sys.executable, "-m", "cvt.bench", "--memory-worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-        raise RuntimeError(f"memory measurement of {spec['impl']} failed: {tail[0]}")
+        raise MeasurementError(f"memory measurement of {spec['impl']} failed: {tail[0]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -8,6 +8,7 @@ Errors a user can act on (bad paths, bad values, unreadable checkpoints) print o
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -22,8 +23,29 @@ COMMANDS = {
     "bench": "benchmark against the Hugging Face port (speed and memory)",
 }
 
-# Exceptions that carry a message meant for the user; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, RuntimeError, OSError)
+# Exceptions that carry a message meant for the user; anything else is a bug and keeps its traceback. The
+# library raises ValueError (CheckpointError, NonFiniteLoss, config errors subclass it) for everything a user can
+# fix, and the OSErrors below for paths. Not RuntimeError or KeyError: those are how bugs (ours or torch's) show,
+# and a bug squashed into one line cannot be reported.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+# Other OSErrors are environment trouble the user must fix (disk full, read-only file system, quota), not bugs.
+USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+
+
+def user_message(e: BaseException) -> str | None:
+    """The one line to show for an error the user can act on; None for a bug (its traceback is shown)."""
+    if isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno in USER_ERRNOS):
+        # One line even when a third-party message spans several.
+        return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    # Out of memory is a setting (batch size, image size, AMP), not a bug, and torch's traceback points into its
+    # allocator, not at the cause; say what to change instead. torch is only imported if a command used it.
+    torch = sys.modules.get("torch")
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)  # torch's CPU allocator
+    ):
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"out of memory ({first}); lower the batch size or the image size"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    # Parse the command name first, then let that command's module add its own arguments.
-    known, _ = parser.parse_known_args(argv) if argv and argv[0] in COMMANDS else (None, None)
-    if known is not None:
-        module = importlib.import_module(known._module)
-        sub = parser._subparsers._group_actions[0].choices[argv[0]]  # noqa: SLF001 - argparse has no public handle
+    # Find the command word, then let that command's module add its own arguments before the real parse. The
+    # global options (--debug, --help) take no value, so the command is the first word that is not an option;
+    # anything else (no command, a typo) is left to argparse, which says what is wrong.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in COMMANDS:
+        module = importlib.import_module(f"cvt.commands.{command}")
+        sub = parser._subparsers._group_actions[0].choices[command]  # noqa: SLF001 - argparse has no public handle
         module.add_arguments(sub)
     args = parser.parse_args(argv)
     try:
@@ -53,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cvt: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
-        if args.debug:
+    except Exception as e:
+        message = user_message(e)
+        if message is None or args.debug:
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"cvt {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,16 @@ ARCHITECTURE_FIELDS = (
 )
 
 _PER_STAGE = ("embed_dims", "num_heads", "depths", "patch_sizes", "patch_strides", "patch_paddings")
+
+
+# numbers.* rather than int/float so NumPy scalars (read from checkpoints) pass; bool is an Integral but never
+# means a count or a rate.
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -65,19 +76,24 @@ class CvTConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        # Normalise lists (YAML, JSON) to tuples so configs compare and hash as values.
+        # Normalise lists (YAML, JSON) to tuples so configs compare and hash as values. Values arrive from YAML,
+        # JSON and `--set`, so any type can turn up: check before converting, so that a wrong type is a
+        # ValueError naming the field rather than a TypeError from deep inside tuple() or the model.
         for name in _PER_STAGE:
             value = getattr(self, name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                raise ValueError(f"{name} must be a sequence with one entry per stage, got {value!r}")
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{name} must be a list with one entry per stage, got {value!r}")
             object.__setattr__(self, name, tuple(value))
         n = len(self.embed_dims)
         if n == 0:
             raise ValueError("embed_dims is empty: a CvT needs at least one stage")
-        if isinstance(self.drop_path_rate, (int, float)):
-            object.__setattr__(self, "drop_path_rate", (0.0,) * (n - 1) + (float(self.drop_path_rate),))
+        rate = self.drop_path_rate
+        if _is_number(rate):
+            object.__setattr__(self, "drop_path_rate", (0.0,) * (n - 1) + (float(rate),))
+        elif isinstance(rate, (list, tuple)) and all(_is_number(r) for r in rate):
+            object.__setattr__(self, "drop_path_rate", tuple(float(r) for r in rate))
         else:
-            object.__setattr__(self, "drop_path_rate", tuple(float(r) for r in self.drop_path_rate))
+            raise ValueError(f"drop_path_rate must be a number or a list of one number per stage, got {rate!r}")
         self._validate()
 
     def _validate(self) -> None:
@@ -86,13 +102,11 @@ class CvTConfig:
             value = getattr(self, name)
             if len(value) != n:
                 raise ValueError(f"{name} has {len(value)} entries but embed_dims has {n}: give one per stage")
-            for v in value:
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise ValueError(f"{name} must hold numbers, got {v!r}")
+        # Integers proper, not 2.0: the model builds range(depth) and conv sizes from them.
         for name in ("embed_dims", "num_heads", "depths", "patch_sizes", "patch_strides"):
-            if any(int(v) != v or v < 1 for v in getattr(self, name)):
+            if not all(_is_int(v) and v >= 1 for v in getattr(self, name)):
                 raise ValueError(f"{name} must be positive integers, got {getattr(self, name)}")
-        if any(int(v) != v or v < 0 for v in self.patch_paddings):
+        if not all(_is_int(v) and v >= 0 for v in self.patch_paddings):
             raise ValueError(f"patch_paddings must be integers >= 0, got {self.patch_paddings}")
         for i, (dim, heads) in enumerate(zip(self.embed_dims, self.num_heads)):
             if dim % heads:
