@@ -201,12 +201,13 @@ def open_image(path: str | os.PathLike, in_chans: int):
 
     with Image.open(path) as img:
         img.load()
+        top = _full_scale(img)  # before exif_transpose, whose copy drops the TIFF tags
         img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # 16/32-bit grey: PIL's convert("L") clips at 255 instead of scaling, so scale by hand.
-        arr = np.asarray(img, dtype=np.float32)
-        top = 1.0 if img.mode == "F" and arr.max() <= 1.0 else (255.0 if arr.max() <= 255 else 65535.0)
-        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), mode="L")
+    if top is not None:
+        # 16/32-bit grey: PIL's convert("L") clips at 255 instead of scaling, so scale by hand, by the format's
+        # full range: a pixel's brightness must not depend on the brightest pixel of its image.
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
     elif img.mode in ("P", "PA"):
         img = img.convert("RGBA")
     if in_chans == 1:
@@ -215,6 +216,22 @@ def open_image(path: str | os.PathLike, in_chans: int):
     if in_chans == 3:
         return img
     raise ValueError(f"images can be read as 1 or 3 channels, the model takes {in_chans}")
+
+
+def _full_scale(img) -> float | None:
+    """The value of white in a 16/32-bit grey PIL image (None for other modes)."""
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    if img.mode == "I":
+        # Pillow decodes 16-bit PGM (and 16-bit PNG, in older versions) to mode "I" as well, rescaled to 0-65535;
+        # only a TIFF that says 32 bits per sample holds 32-bit values (signed: white is 2**31 - 1).
+        bits = getattr(img, "tag_v2", {}).get(258)  # TIFF BitsPerSample
+        return 2.0**31 - 1 if bits in (32, (32,)) else 65535.0
+    if img.mode == "F":
+        # Floats carry no range: 0-1 is the common convention; larger values are read as 8- or 16-bit levels.
+        top = float(np.nanmax(np.asarray(img))) if img.size[0] * img.size[1] else 0.0
+        return 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+    return None
 
 
 class ImageFiles(Dataset):
