@@ -116,8 +116,10 @@ class TrainConfig:
             need(is_num(getattr(self, name)) and getattr(self, name) >= 0, name, ">= 0")
         for name in ("mixup_prob", "mixup_switch_prob", "hflip", "reprob"):
             need(is_num(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "in [0, 1]")
-        need(self.randaugment is None or (isinstance(self.randaugment, str) and self.randaugment.startswith("rand")),
+        need(self.randaugment is None or isinstance(self.randaugment, str),
              "randaugment", "a timm RandAugment spec like 'rand-m9-mstd0.5-inc1' or null")
+        if self.randaugment is not None:
+            check_randaugment(self.randaugment)
         need(isinstance(self.crop_scale, tuple) and len(self.crop_scale) == 2 and all(is_num(v) for v in self.crop_scale)
              and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "two numbers 0 < lo <= hi <= 1")
         need(is_int(self.shift) and self.shift >= 0, "shift", "an integer >= 0")
@@ -137,6 +139,53 @@ class TrainConfig:
     def replace(self, **changes: Any) -> "TrainConfig":
         check_keys(changes, "settings")
         return dataclasses.replace(self, **changes)
+
+
+# The parts of a timm RandAugment spec after "rand", as timm's parser reads them (timm/data/auto_augment.py,
+# rand_augment_transform): a key, then a value starting at the first digit.
+_RANDAUGMENT_PARTS = {
+    "m": (int, lambda v: v >= 0, "m<int>: magnitude, >= 0 (timm's default 10)"),
+    "n": (int, lambda v: v >= 1, "n<int>: operations per image, >= 1"),
+    "p": (float, lambda v: 0 <= v <= 1, "p<float>: probability of each operation, in [0, 1]"),
+    "mstd": (float, lambda v: v >= 0, "mstd<float>: magnitude noise, >= 0 (> 100: uniform)"),
+    "mmax": (int, lambda v: v >= 1, "mmax<int>: magnitude upper bound, >= 1"),
+    "inc": (int, lambda v: v in (0, 1), "inc<0|1>: severity increasing with magnitude"),
+}
+_RANDAUGMENT_SETS = ("weights", "3a", "3aw")  # t<name>: timm's named transform sets
+
+
+def check_randaugment(spec: str) -> None:
+    """Raise a ValueError naming the bad part of a RandAugment spec. timm's own parser skips parts it cannot
+    read ('rand-foo', 'rand-m') and falls back to defaults for unknown transform sets, so a typo would train
+    silently with other augmentation than asked for; this reads the grammar strictly, then lets timm build it."""
+    import re
+
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"randaugment must start with 'rand' (e.g. 'rand-m9-mstd0.5-inc1'), got {spec!r}")
+    grammar = ", ".join(h.split(":")[0] for *_, h in _RANDAUGMENT_PARTS.values()) + f", t<{'|'.join(_RANDAUGMENT_SETS)}>"
+    for part in parts[1:]:
+        if part.startswith("t"):
+            if part[1:] not in _RANDAUGMENT_SETS:
+                raise ValueError(f"randaugment {spec!r}: unknown transform set {part!r}; the parts are {grammar}")
+            continue
+        match = re.fullmatch(r"([a-z]+)(\d.*)", part)
+        if not match or match.group(1) not in _RANDAUGMENT_PARTS:
+            raise ValueError(f"randaugment {spec!r}: cannot read {part!r}; the parts are {grammar}")
+        kind, ok, hint = _RANDAUGMENT_PARTS[match.group(1)]
+        try:
+            value = kind(match.group(2))
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise ValueError(f"randaugment {spec!r}: bad value in {part!r}; expected {hint}")
+    # Our grammar follows the installed timm; should a timm version read it differently, say so in one line too.
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        rand_augment_transform(spec, {})
+    except Exception as e:  # noqa: BLE001 - timm signals a bad spec with AssertionError, ValueError, KeyError
+        raise ValueError(f"randaugment {spec!r} is refused by timm: {e or type(e).__name__}") from None
 
 
 def field_names() -> list[str]:
