@@ -246,6 +246,12 @@ def test_recipe_errors_are_one_line(tmp_path, capsys):
     assert "lr must be a positive number" in capsys.readouterr().err
     assert main(["train", "--data", "imagefolder:" + str(tmp_path / "none"), "--epochs", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # flags are checked the same way (model_args values: tests/test_errors.py)
+    for flag, value, message in (("--lr", "0", "lr must be a positive number, got 0.0"),
+                                 ("--batch-size", "0", "batch_size must be an integer >= 1, got 0")):
+        assert main(["train", flag, value, "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_recipes_in_configs_are_valid():

@@ -162,8 +162,10 @@ def scan_image_folder(root: str | os.PathLike, split: str, classes: list[str] | 
     """
     root = Path(root)
     folder = root / split
-    if not root.is_dir():
+    if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"image folder {root} is a file, not a folder (an archive? unpack it)")
     if not folder.is_dir():
         raise FileNotFoundError(f"{root} has no '{split}' folder; expected {root}/{split}/<class>/<image>")
     found = [d.name for d in _visible_dirs(folder)]

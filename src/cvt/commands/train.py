@@ -73,11 +73,25 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record: `main` may run many times in one process
+    (tests, notebooks) with sys.stderr replaced in between, and a handler holding an old stream would write where
+    nobody reads, or fail on a closed one."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # StreamHandler.__init__ sets it; the property above always answers
+
+
 def setup_logging() -> None:
     """Log lines to stderr; under torchrun only rank 0 says more than warnings."""
     logger = logging.getLogger("cvt")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
