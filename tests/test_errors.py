@@ -494,3 +494,18 @@ def test_resume_from_a_truncated_checkpoint(capsys, tmp_path):
     (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     one_line_error(capsys, ["train", "--out", str(run), "--resume"],
                    f"cannot resume from {run}/checkpoint.pt: truncated or not a training checkpoint")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda cfg: cfg.pop("embed_dim"), "lacks the entry 'embed_dim'"),  # was a KeyError traceback
+    (lambda cfg: cfg.update(depth=None), "depths must be a list with one entry per stage, got None"),
+    (lambda cfg: cfg.update(id2label={"a": "cat"}), "lacks the entry '0'"),
+])
+def test_hand_edited_hugging_face_config(capsys, weights, images, tmp_path, edit, message):
+    model = cvt.create_model("cvt_tiny", num_classes=3, **TINY_ARGS)
+    folder = save_weights(model.state_dict(), model.cfg, tmp_path / "hf", fmt="hf", class_names=CLASSES)
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    one_line_error(capsys, ["eval", "--checkpoint", str(folder), "--data", f"imagefolder:{images}"],
+                   f"{folder}/config.json", message)

@@ -14,6 +14,7 @@ would run code is refused, never executed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -279,14 +280,30 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"could not read {path}: {e}") from None
 
 
-def _config_from_json(d: dict[str, Any], path: Path) -> tuple[CvTConfig, list[str] | None]:
-    if d.get("model_type") == "cvt":
-        cfg = config_from_hf(d)
-        names = [d["id2label"][str(i)] for i in range(len(d["id2label"]))] if "id2label" in d else None
-        return cfg, names
-    if d.get("format") == "cvt" and "config" in d:
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Any failure to make sense of a hand-edited or foreign config becomes one CheckpointError naming the file
+    and what is wrong, not where in our code it broke."""
+    try:
+        yield
+    except KeyError as e:
+        raise CheckpointError(f"{path} lacks the entry {e}") from None
+    except (TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} has a malformed config ({e})") from None
+    except ValueError as e:  # CvTConfig's validation, CheckpointError, JSON
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _config_from_json(d: Any, path: Path) -> tuple[CvTConfig, list[str] | None]:
+    """The config (and class names) in a config.json, Hugging Face's or ours; `path` names it in errors."""
+    hf = isinstance(d, dict) and d.get("model_type") == "cvt"
+    if not hf and not (isinstance(d, dict) and d.get("format") == "cvt" and "config" in d):
+        raise CheckpointError(f"{path} is not a CvT config (neither Hugging Face's model_type 'cvt' nor cvt's own)")
+    with _reading(path):
+        if hf:
+            names = [d["id2label"][str(i)] for i in range(len(d["id2label"]))] if "id2label" in d else None
+            return config_from_hf(d), names
         return CvTConfig.from_dict(d["config"]), d.get("class_names")
-    raise CheckpointError(f"{path} is not a CvT config (neither Hugging Face's model_type 'cvt' nor cvt's own)")
 
 
 def read_checkpoint(spec: str | os.PathLike) -> Checkpoint:
@@ -314,8 +331,9 @@ def read_checkpoint(spec: str | os.PathLike) -> Checkpoint:
     if path.suffix == ".safetensors":
         state_dict, meta = _safetensors_load(path)
         if "cvt_config" in meta:
-            config = CvTConfig.from_dict(json.loads(meta["cvt_config"]))
-            class_names = json.loads(meta["class_names"]) if "class_names" in meta else class_names
+            with _reading(path):
+                config = CvTConfig.from_dict(json.loads(meta["cvt_config"]))
+                class_names = json.loads(meta["class_names"]) if "class_names" in meta else class_names
     else:
         state_dict, extra = _unwrap(_torch_load(path), path)
     try:
