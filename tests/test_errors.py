@@ -4,6 +4,7 @@ folders, checkpoints. The end-to-end training tests and their image folder live 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -86,17 +87,40 @@ def test_without_debug_a_user_error_is_one_line(capsys):
     one_line_error(capsys, ["train", "--epochs", "0"], "epochs must be an integer >= 1, got 0")
 
 
-@pytest.mark.parametrize("error", [RuntimeError("a bug in cvt or torch"), KeyError("layer.weight"), TypeError("x")])
-def test_bugs_keep_their_traceback(monkeypatch, capsys, error):
+@pytest.fixture
+def zoo_raises(monkeypatch):
+    """Make `cvt zoo` raise the given exception, as a command deep in the library would."""
     from cvt.commands import zoo
 
-    def fail(args):
-        raise error
+    def set_error(error: BaseException) -> None:
+        def fail(args):
+            raise error
 
-    monkeypatch.setattr(zoo, "run", fail)
+        monkeypatch.setattr(zoo, "run", fail)
+
+    return set_error
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("a bug in cvt or torch"), KeyError("layer.weight"), TypeError("x"),
+    OSError(errno.EIO, "Input/output error"),  # not something a setting fixes
+])
+def test_bugs_keep_their_traceback(zoo_raises, capsys, error):
+    zoo_raises(error)
     with pytest.raises(type(error)):
         main(["zoo"])
     assert capsys.readouterr().err == ""  # not also reported as a user error
+
+
+@pytest.mark.parametrize("error,needle", [
+    (FileExistsError("out.onnx exists; pass --force to overwrite it"), "out.onnx exists"),
+    (IsADirectoryError("runs is a folder"), "runs is a folder"),
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (ValueError("first line\nsecond line"), "first line; second line"),
+])
+def test_user_errors_are_one_line(zoo_raises, capsys, error, needle):
+    zoo_raises(error)
+    one_line_error(capsys, ["zoo"], needle)
 
 
 @pytest.mark.parametrize("error", [
@@ -104,19 +128,14 @@ def test_bugs_keep_their_traceback(monkeypatch, capsys, error):
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
                  "allocate 1099511627776 bytes"),
 ])
-def test_out_of_memory_is_one_line_with_what_to_change(monkeypatch, capsys, error):
-    from cvt.commands import zoo
-
-    def fail(args):
-        raise error
-
-    monkeypatch.setattr(zoo, "run", fail)
+def test_out_of_memory_is_one_line_with_what_to_change(zoo_raises, capsys, error):
+    zoo_raises(error)
     one_line_error(capsys, ["zoo"], "out of memory", "lower the batch size")
     with pytest.raises(type(error)):
         main(["--debug", "zoo"])
 
 
-def test_failed_memory_measurement_is_a_user_error(monkeypatch, capsys):
+def test_failed_memory_measurement_is_a_user_error(monkeypatch):
     """The child's error, not RuntimeError (which the CLI now leaves to a traceback)."""
     import subprocess
 
@@ -199,17 +218,35 @@ def test_bad_randaugment_specs_name_the_part(spec, message):
         TrainConfig(randaugment=spec)
 
 
+# A RandAugment spec part: a key (timm's, or not) and a value (a number, a transform set's name, or junk).
+RA_PART = st.tuples(
+    st.sampled_from(["m", "n", "p", "mstd", "mmax", "inc", "t", "w", "x", ""]),
+    st.one_of(st.integers(0, 12).map(str), st.sampled_from(["0.5", "1.5", "9.", ".5", "", "weights", "3a", "foo"])),
+).map("".join)
+
+
 @settings(max_examples=100, deadline=None)
-@given(st.text(alphabet="rand-mstpicwe0123456789.", max_size=24))
-def test_randaugment_check_only_accepts_or_raises_value_error(spec):
+@given(st.one_of(
+    st.lists(RA_PART, max_size=3).map(lambda parts: "-".join(["rand", *parts])),
+    st.text(alphabet="rand-m0123456789.", max_size=12),
+))
+def test_randaugment_check_accepts_only_what_timm_applies_as_written(spec):
     try:
         check_randaugment(spec)
     except ValueError:
-        return
-    # accepted: timm builds it, and reads every part (no part timm would skip)
+        return  # never another exception type
     from timm.data.auto_augment import rand_augment_transform
 
-    assert rand_augment_transform(spec, {}) is not None
+    # Accepted: timm builds it with the values asked for (the last of a repeated key wins, as in timm), not its
+    # defaults for a part it could not read.
+    ra = rand_augment_transform(spec, {})
+    last = {}
+    for part in spec.split("-")[1:]:
+        key = "mstd" if part.startswith("mstd") else "mmax" if part.startswith("mmax") else part[:1]
+        last[key] = part[len(key):]
+    assert ra.num_layers == int(last.get("n", 2))
+    assert all(op.magnitude == int(last.get("m", 10)) for op in ra.ops)
+    assert all(op.prob == float(last.get("p", 0.5)) for op in ra.ops)
 
 
 # Values for TrainConfig fields: valid ones (with the dependencies between fields: min_lr <= lr, cooldown <
