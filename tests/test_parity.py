@@ -151,3 +151,39 @@ def test_convert_round_trip_back_to_transformers(hf_cvt13, tmp_path):
         assert torch.equal(back(x).logits, hf(x).logits)
     for key, value in hf.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_training_step_matches_transformers(tmp_path):
+    """Train mode (BatchNorm on batch statistics), loss and every parameter's gradient against the port's: this
+    covers our training-only paths (the MLP recomputing its activation in backward instead of storing it)."""
+    torch.manual_seed(0)
+    config = transformers.CvtConfig(
+        embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], drop_path_rate=[0.0, 0.0, 0.0], num_labels=5
+    )
+    hf = transformers.CvtForImageClassification(config)
+    _randomize_bn(hf)
+    hf.save_pretrained(tmp_path)
+    ours = cvt.from_pretrained(tmp_path, act="gelu")
+    hf.train(), ours.train()
+    x = torch.randn(3, 3, 64, 80)
+    y = torch.tensor([0, 3, 4])
+    loss_hf = nn.functional.cross_entropy(hf(x).logits, y)
+    loss_ours = nn.functional.cross_entropy(ours(x), y)
+    loss_hf.backward()
+    loss_ours.backward()
+    assert abs(loss_hf.item() - loss_ours.item()) <= 1e-5
+    ours_params = dict(ours.named_parameters())
+    hf_grads = _authors_state_dict({k: p.grad for k, p in hf.named_parameters()})
+    assert len(hf_grads) == len(ours_params)
+    for key, grad in hf_grads.items():
+        name = re.sub(r"^stage(\d)\.", r"stages.\1.", key)
+        # relative to the tensor's largest gradient; absolute for the ones that are zero in exact arithmetic
+        # (the key projection's bias: softmax ignores a shift shared by all keys)
+        tolerance = max(1e-4 * grad.abs().max().item(), 1e-7)
+        assert (ours_params[name].grad - grad).abs().max().item() <= tolerance, name
+    # and the BatchNorm running statistics moved the same way
+    hf_buffers = _authors_state_dict(dict(hf.named_buffers()))
+    ours_buffers = dict(ours.named_buffers())
+    for key, value in hf_buffers.items():
+        name = re.sub(r"^stage(\d)\.", r"stages.\1.", key)
+        assert torch.allclose(ours_buffers[name].float(), value.float(), atol=1e-5), name

@@ -33,6 +33,18 @@ class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
 
+    @staticmethod
+    def forward_(x: torch.Tensor) -> torch.Tensor:
+        """In place on `x` (inference only)."""
+        return x.mul_(torch.sigmoid(1.702 * x))
+
+
+class GELU(nn.GELU):
+    @staticmethod
+    def forward_(x: torch.Tensor) -> torch.Tensor:
+        """In place on `x` (inference only)."""
+        return torch.ops.aten.gelu_(x)
+
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back (authors: their subclass upcasts so fp16/bf16 runs stay stable)."""
@@ -47,25 +59,91 @@ class LayerNorm(nn.LayerNorm):
 
 
 def _make_act(name: str) -> nn.Module:
-    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+    return QuickGELU() if name == "quick_gelu" else GELU()
 
 
 # Set while torch.utils.checkpoint recomputes a block's forward during backward. BatchNorm must not update its
 # running statistics a second time then, or gradient checkpointing would change the model.
 _RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("cvt_recomputing", default=False)
+# Set while a block runs under gradient checkpointing (first pass or recomputation): it stores nothing then,
+# so the MLP's own activation recomputation (`_linear_of_recomputed`) stands aside.
+_CHECKPOINTED: contextvars.ContextVar[bool] = contextvars.ContextVar("cvt_checkpointed", default=False)
+
+
+@contextlib.contextmanager
+def _setting(var: contextvars.ContextVar, value: bool):
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
 
 
 @contextlib.contextmanager
 def _recomputing():
-    token = _RECOMPUTING.set(True)
-    try:
+    with _setting(_CHECKPOINTED, True), _setting(_RECOMPUTING, True):
         yield
-    finally:
-        _RECOMPUTING.reset(token)
 
 
 def _checkpoint_contexts():
-    return contextlib.nullcontext(), _recomputing()
+    return _setting(_CHECKPOINTED, True), _recomputing()
+
+
+def _linear_of_recomputed(linear: nn.Linear, fn, h: torch.Tensor) -> torch.Tensor:
+    """`linear(fn(h))`, where autograd keeps `h` but not `fn(h)`: backward recomputes `fn(h)` instead.
+
+    Used for the MLP's fc2(act(fc1 x)): the activation's output, 4x the block's width, is the largest tensor a
+    block stores for backward, while `h` is stored anyway (the activation's own backward needs it). The result
+    and the gradients are the same as without this; it costs one more activation pass in backward.
+    """
+    a = fn(h)
+    dev = h.device.type
+    autocast = torch.is_autocast_enabled(dev)
+    dtype = torch.get_autocast_dtype(dev) if autocast else a.dtype
+    a = a.to(dtype)  # the cast autocast would make inside F.linear, made here so linear saves `a` itself
+    ptr = a.untyped_storage().data_ptr()
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() == ptr:  # linear's input (or a view of it): remember how to remake it
+            return t.size(), t.stride(), t.storage_offset()
+        return t
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=autocast):
+            again = fn(h).to(dtype)
+        return again.as_strided(*packed)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return linear(a)
+
+
+def _eager_inference(x: torch.Tensor) -> bool:
+    """True for plain eager inference, where in-place tricks are safe: no autograd, no autocast (whose casts the
+    fused path would bypass), and no tracer or compiler (which want out-of-place ops)."""
+    return not (
+        torch.is_grad_enabled()
+        or torch.is_autocast_enabled(x.device.type)
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+    )
+
+
+def _residual_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, inplace: bool) -> torch.Tensor:
+    """`residual + linear(x)` as one matmul accumulating into the residual (inference only; `inplace` writes
+    into `residual` itself)."""
+    if inplace:
+        out = residual.add_(linear.bias) if linear.bias is not None else residual
+    else:
+        out = residual + linear.bias if linear.bias is not None else residual.clone()
+        out = out.contiguous()
+    flat = out.view(-1, out.shape[-1])
+    # addmm with out= aliasing its input: the same kernel as addmm_, but MAC counters see an addmm
+    torch.addmm(flat, x.reshape(-1, x.shape[-1]), linear.weight.t(), out=flat)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,8 +223,15 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
-        B, T, C = x.shape
+        return self.proj_drop(self.proj(self.attend(x, h, w, has_cls)))
+
+    def attend(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
+        """Attention up to, not including, the output projection: (B, T, C) -> (B, T, C)."""
         spatial = x[:, 1:] if has_cls else x  # (B, H*W, C)
+        if has_cls:
+            # Without the cls row the map is strided by 1 + H*W tokens per image, which the convolutions would
+            # each copy into a dense layout; one copy here serves all three.
+            spatial = spatial.contiguous()
         # (B, H*W, C) -> (B, C, H, W) as a view: the map is channels-last in memory, which the depthwise
         # convolutions take without a copy. q, k and v all read this one map.
         feat = spatial.transpose(1, 2).unflatten(2, (h, w))
@@ -164,8 +249,7 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
         )  # (B, nh, Tq, hd)
-        x = x.transpose(1, 2).flatten(2)  # (B, Tq, C)
-        return self.proj_drop(self.proj(x))
+        return x.transpose(1, 2).flatten(2)  # (B, Tq, C), a view: the kernel writes (B, Tq, nh, hd) memory
 
 
 class Mlp(nn.Module):
@@ -177,7 +261,15 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        h = self.fc1(x)
+        if (
+            torch.is_grad_enabled()
+            and not (self.training and self.drop.p > 0)
+            and not _CHECKPOINTED.get()
+            and not torch.compiler.is_compiling()  # the compiler decides for itself what to recompute
+        ):
+            return self.drop(_linear_of_recomputed(self.fc2, self.act, h))
+        return self.drop(self.fc2(self.drop(self.act(h))))
 
 
 class Block(nn.Module):
@@ -192,8 +284,18 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act, cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
+        if not self.training and _eager_inference(x):
+            return self._forward_inference(x, h, w, has_cls)
         x = x + self.drop_path(self.attn(self.norm1(x), h, w, has_cls))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _forward_inference(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
+        """The same arithmetic in fewer passes over memory: each residual add rides on the matmul of the
+        branch's last Linear (accumulating into the residual), and the activation runs in place. Only tensors
+        made here are written in place; the input `x` is left as it is."""
+        y = _residual_linear(x, self.attn.attend(self.norm1(x), h, w, has_cls), self.attn.proj, inplace=False)
+        hidden = self.mlp.act.forward_(self.mlp.fc1(self.norm2(y)))
+        return _residual_linear(y, hidden, self.mlp.fc2, inplace=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
