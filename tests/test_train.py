@@ -9,23 +9,15 @@ import os
 import shutil
 import signal
 import socket
-import struct
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import cvt
 from cvt.cli import main
 
-# A CvT small enough that a training step takes milliseconds.
-TINY = [
-    "--model", "cvt_tiny", "--set", "model_args.depths=[1,1,1]", "--set", "model_args.embed_dims=[16,32,64]",
-    "--set", "model_args.num_heads=[1,1,2]", "--num-workers", "0",
-]
-TINY_ARGS = dict(depths=(1, 1, 1), embed_dims=(16, 32, 64), num_heads=(1, 1, 2))
-CLASSES = ["bird", "cat", "dog"]
+from conftest import CLASSES, TINY, TINY_ARGS
 
 
 @pytest.fixture(autouse=True)
@@ -35,39 +27,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _image(rng: np.random.Generator, cls: int, size=(36, 40)) -> np.ndarray:
-    arr = rng.integers(0, 80, (*size, 3), dtype=np.uint8)
-    arr[..., cls] = 220  # each class its own dominant colour: learnable in a few steps
-    return arr
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """train/ (6 images a class, mixed formats and modes, one broken file, one hidden file) and val/ (3 a class)."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("val", 3)):
-        for c, name in enumerate(CLASSES):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = Image.fromarray(_image(rng, c))
-                if i == 1:
-                    img.save(d / f"{i}.JPG", quality=90)  # upper-case extension
-                elif i == 2:
-                    img.convert("RGBA").save(d / f"{i}.png")
-                elif i == 3:
-                    img.convert("P").save(d / f"{i}.png")
-                elif i == 4:
-                    Image.fromarray(_image(rng, c, (5, 7))).save(d / f"{i}.png")  # smaller than the crop
-                else:
-                    img.save(d / f"{i}.png")
-    (root / "train" / "cat" / "broken.jpg").write_bytes(b"this is not a JPEG")
-    (root / "train" / "dog" / ".hidden.png").write_bytes(b"ignored: hidden")
-    (root / "train" / "dog" / "notes.txt").write_text("ignored: not an image extension")
-    return root
 
 
 def _train(tmp, folder, *extra: str, out: str = "run") -> tuple[int, str]:
@@ -176,27 +135,6 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypa
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def _write_idx(path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def fake_fmnist(tmp_path_factory):
-    """The four IDX files of Fashion-MNIST's layout, with 64 training and 20 test images."""
-    root = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(1)
-    for split, n in (("train", 64), ("t10k", 20)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 40, (n, 28, 28))
-        for i, y in enumerate(labels):
-            images[i, 2 * y : 2 * y + 4] = 250  # a bright band whose height encodes the class
-        _write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
-        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
-    return root
-
-
 def test_fashion_mnist_files(tmp_path, fake_fmnist):
     images, labels = cvt.data.load_fashion_mnist("train", fake_fmnist)
     assert images.shape == (64, 1, 28, 28) and images.dtype == torch.uint8 and labels.tolist()[:3] == [0, 1, 2]

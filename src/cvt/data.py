@@ -16,6 +16,7 @@ import itertools
 import math
 import os
 import random
+import signal
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -456,6 +457,15 @@ def data_info(spec: str) -> tuple[int, int | None]:
     return (1, 28) if kind == "fashion-mnist" else (3, None)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: workers ignore SIGINT and SIGTERM. A terminal's Ctrl-C (or a scheduler's
+    SIGTERM) reaches the whole process group; a worker killed by it makes the main process fail with "DataLoader
+    worker exited unexpectedly" before it can write its checkpoint. The main process handles the signal and
+    shuts the workers down; they also exit by themselves when the main process is gone (PyTorch's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def default_workers(device: torch.device, local_world: int = 1) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, cpus // max(1, local_world))
@@ -493,13 +503,15 @@ def build_data(
         val_ds = TensorImages(*load_fashion_mnist("test", data_dir))
         if classes is not None and list(classes) != FASHION_MNIST_CLASSES:
             raise ValueError(f"the checkpoint's classes {list(classes)[:4]}... are not Fashion-MNIST's")
+        init = ignore_stop_signals if workers else None
         val = DataLoader(val_ds, sampler=ShardBatches(len(val_ds), eval_batch_size, rank, world), batch_size=None,
-                         num_workers=workers, pin_memory=pin)
+                         num_workers=workers, pin_memory=pin, worker_init_fn=init)
         train_loader = batches = train_ds = None
         if train:
             train_ds = TensorImages(*load_fashion_mnist("train", data_dir))
             batches = EpochBatches(len(train_ds), batch_size, rank, world, seed)
-            train_loader = DataLoader(train_ds, sampler=batches, batch_size=None, num_workers=workers, pin_memory=pin)
+            train_loader = DataLoader(train_ds, sampler=batches, batch_size=None, num_workers=workers, pin_memory=pin,
+                                      worker_init_fn=init)
         return DataBundle(train_loader, val, batches, train_ds, list(FASHION_MNIST_CLASSES), 1, 28)
 
     workers = default_workers(device, local_world) if num_workers is None else num_workers
@@ -513,7 +525,8 @@ def build_data(
         classes = class_folders(root, "train" if (Path(root) / "train").is_dir() else "val")
     val_samples, _ = scan_image_folder(root, "val", list(classes),
                                        "the checkpoint" if from_checkpoint else "the train split")
-    common = dict(num_workers=workers, pin_memory=pin, collate_fn=collate_skipping)
+    common = dict(num_workers=workers, pin_memory=pin, collate_fn=collate_skipping,
+                  worker_init_fn=ignore_stop_signals if workers else None)
     val_ds = ImageFiles(val_samples, pre.in_chans, file_transform(pre, train=False))
     val = DataLoader(val_ds, batch_sampler=ShardBatches(len(val_ds), eval_batch_size, rank, world), **common)
     train_loader = batches = train_ds = None

@@ -9,8 +9,9 @@ and `fit`, which runs a whole `TrainConfig` into a run directory:
 
 One process or many: under `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK in the environment) the model is wrapped in
 DistributedDataParallel (gloo on CPU, nccl on GPU) and each rank trains on its shard; `batch_size` is global, so
-the optimizer sees the same batch whatever the number of processes. (BatchNorm in the convolutional projections
-normalises over each rank's share, as in the authors' training.)
+the optimizer sees the same batch whatever the number of processes. BatchNorm in the convolutional projections
+normalises over each rank's share, as in the authors' training, unless `sync_bn` is set: then over the global
+batch, and N processes train as one process with the same batch would (up to float rounding).
 
 Randomness is seeded per step from (seed, epoch, step, rank), so a run resumed from any checkpoint continues
 exactly as the uninterrupted run would have. The library logs through `logging.getLogger("cvt.train")`.
@@ -244,7 +245,7 @@ def train_one_epoch(
     t.net.train()
     batches = iter(loader)
     loss_sum = torch.zeros((), device=t.device)
-    images, done, bad_steps = 0, 0, 0
+    images, done, taken, bad_steps = 0, 0, 0, 0
     start = time.perf_counter()
     for step in range(start_step, steps):
         t.optimizer.zero_grad(set_to_none=True)
@@ -291,6 +292,9 @@ def train_one_epoch(
                 raise NonFiniteLoss(f"100 steps in a row with non-finite gradients under fp16 (epoch {epoch + 1})")
         else:
             bad_steps = 0
+            # The epoch's loss is the mean over the steps taken: one skipped NaN step must not make it NaN.
+            loss_sum += step_loss
+            taken += 1
         if t.scaler is not None:
             t.scaler.step(t.optimizer)
             t.scaler.update()
@@ -299,14 +303,24 @@ def train_one_epoch(
         t.schedule.step()
         if t.ema is not None:
             t.ema.update(t.model, step=t.schedule.step_count)
-        loss_sum += step_loss
         done += 1
         if on_step is not None:
             on_step(step + 1, step_loss.item(), t.schedule.get_last_lr())
         if should_stop is not None and should_stop():
-            return EpochStats(_mean_loss(loss_sum, done, t.dist), start_step + done, images,
+            return EpochStats(_mean_loss(loss_sum, taken, t.dist), start_step + done, images,
                               time.perf_counter() - start, interrupted=True)
-    return EpochStats(_mean_loss(loss_sum, done, t.dist), steps, images, time.perf_counter() - start)
+    return EpochStats(_mean_loss(loss_sum, taken, t.dist), steps, images, time.perf_counter() - start)
+
+
+def _gather_skipped(t: Trainer) -> None:
+    """Every rank learns the files every other rank skipped: rank 0 writes checkpoint.pt and summary.json."""
+    if not t.dist.enabled:
+        return
+    parts: list[dict[str, str]] = [{} for _ in range(t.dist.world)]
+    dist.all_gather_object(parts, t.skipped)
+    for part in parts:
+        for path, reason in part.items():
+            t.skipped.setdefault(path, reason)
 
 
 def _mean_loss(loss_sum: torch.Tensor, steps: int, info: DistInfo) -> float:
@@ -579,6 +593,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
+        model.set_sync_batchnorm(cfg.sync_bn)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
@@ -625,6 +640,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
             finally:
                 bar.close()
             train_seconds += stats.seconds
+            _gather_skipped(t)  # (evaluate() gathers its own)
             if stats.interrupted:
                 path = out / CHECKPOINT
                 if info.main:

@@ -16,6 +16,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
@@ -178,6 +179,8 @@ class ConvProjection(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, kernel_size, stride=stride, padding=kernel_size // 2, groups=dim, bias=False)
         self.bn = nn.BatchNorm2d(dim)
+        # Training under DDP: normalise with the statistics of all processes' batches (`CvT.set_sync_batchnorm`).
+        self.sync_bn = False
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Conv weight and bias equal to conv followed by eval-mode BatchNorm."""
@@ -198,10 +201,42 @@ class ConvProjection(nn.Module):
             if not recomputing:
                 bn.num_batches_tracked.add_(1)
             # momentum 0 keeps running stats unchanged during a checkpoint recomputation
-            x = F.batch_norm(
-                x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.0 if recomputing else bn.momentum, bn.eps
-            )
+            momentum = 0.0 if recomputing else bn.momentum
+            if self.sync_bn and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                x = sync_batch_norm(x, bn, momentum)
+            else:
+                x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, momentum, bn.eps)
         return x.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'*W', C)
+
+
+def sync_batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, momentum: float) -> torch.Tensor:
+    """Training-mode BatchNorm of `x` (B, C, H, W) with the statistics of the batch over all processes, so that
+    N DDP processes normalise as one process with the whole batch would. PyTorch's SyncBatchNorm runs on GPUs
+    only; this runs on any backend (gloo on CPU included), with the same maths: each process's mean, variance
+    and count are exchanged and combined (Chan et al.), and gradients flow back through the exchange."""
+    from torch.distributed.nn.functional import all_reduce
+
+    c = x.shape[1]
+    xf = x.float()  # statistics in float32 under autocast, as F.batch_norm keeps them
+    var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+    count = xf.new_full((1,), xf.numel() // c)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    # An all-gather written as an all-reduce of rows that are zero except each process's own: autograd's
+    # all_gather needs reduce-scatter or all-to-all, which gloo lacks; all_reduce's backward is an all_reduce.
+    mine = torch.cat([mean, var, count])[None]
+    rows = all_reduce(torch.cat([mine.new_zeros(rank, 2 * c + 1), mine, mine.new_zeros(world - rank - 1, 2 * c + 1)]))
+    means, variances, counts = rows[:, :c], rows[:, c : 2 * c], rows[:, 2 * c :]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+    if momentum and bn.running_mean is not None:
+        with torch.no_grad():  # as F.batch_norm: the running variance is the unbiased one
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+            unbiased = var * total / (total - 1).clamp(min=1)
+            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+    scale = torch.rsqrt(var + bn.eps) * bn.weight
+    out = (xf - mean.view(1, c, 1, 1)) * scale.view(1, c, 1, 1) + bn.bias.view(1, c, 1, 1)
+    return out.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -396,6 +431,15 @@ class CvT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_sync_batchnorm(self, enable: bool = True) -> None:
+        """Under torch.distributed, train the BatchNorms of the q/k/v projections on the statistics of all
+        processes' batches (`sync_batch_norm`) instead of each process's share. No effect in one process or in
+        eval mode. (nn.SyncBatchNorm.convert_sync_batchnorm would not do it: the projections call F.batch_norm.)"""
+        for m in self.modules():
+            if isinstance(m, ConvProjection):
+                m.sync_bn = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

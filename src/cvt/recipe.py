@@ -70,6 +70,9 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1  # evaluate every N epochs (the last epoch always)
     grad_checkpointing: bool = False
+    # Under DDP, BatchNorm statistics over the global batch: N processes then train as one process with the same
+    # batch. Off: each process normalises its own share, as the authors trained (no extra communication).
+    sync_bn: bool = False
     compile: bool = False  # torch.compile the model (pays a compile at start; worth it on GPUs)
     out: str = "runs/train"
 
@@ -126,6 +129,7 @@ class TrainConfig:
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
         need(self.device is None or isinstance(self.device, str), "device", "cpu, cuda or cuda:N")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
+        need(isinstance(self.sync_bn, bool), "sync_bn", "true or false")
         need(is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "an integer >= 1")
         need(isinstance(self.out, str) and bool(self.out), "out", "a folder path")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
