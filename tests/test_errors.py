@@ -1,6 +1,6 @@
 """Bad input is one clear line naming the thing and what is wrong, exit status 2, no traceback (`--debug` shows
 it): the CLI's error policy, config validation, image decoding (16-bit, CMYK, truncated and fake files), data
-folders, checkpoints. The end-to-end training tests and their image folder live in test_train.py."""
+folders, checkpoints. The end-to-end training tests live in test_train.py, the shared fixtures in conftest.py."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from cvt.config import CvTConfig
 from cvt.data import open_image, scan_image_folder
 from cvt.recipe import TrainConfig, check_randaugment
 from cvt.weights import save_weights
-from test_train import CLASSES, TINY, TINY_ARGS, _image
+from conftest import CLASSES, TINY, TINY_ARGS, make_image
 
 
 @pytest.fixture(autouse=True)
@@ -60,14 +60,14 @@ def _folder(root, splits=(("train", 4), ("val", 2)), classes=CLASSES, seed=0):
             d = root / split / name
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                Image.fromarray(_image(rng, c % 3)).save(d / f"{i}.png")
+                Image.fromarray(make_image(rng, c % 3)).save(d / f"{i}.png")
     return root
 
 
 def _truncated(path, fmt: str) -> None:
     """A file of `fmt` with a valid header, cut off in the middle of its pixel data."""
     full = path.with_suffix(".full" + path.suffix)
-    Image.fromarray(_image(np.random.default_rng(7), 0, (64, 64))).save(full, format=fmt)
+    Image.fromarray(make_image(np.random.default_rng(7), 0, (64, 64))).save(full, format=fmt)
     data = full.read_bytes()
     full.unlink()
     path.write_bytes(data[: len(data) // 2])
@@ -353,12 +353,12 @@ def messy(tmp_path_factory):
     root = _folder(tmp_path_factory.mktemp("messy"), splits=(("train", 1), ("val", 2)))
     rng = np.random.default_rng(3)
     bird, cat, dog = (root / "train" / c for c in CLASSES)
-    Image.fromarray(_image(rng, 0)).convert("L").save(bird / "grey.png")
-    Image.fromarray(_image(rng, 0)).convert("CMYK").save(bird / "cmyk.jpg")
-    Image.fromarray((_image(rng, 0)[..., 0].astype(np.uint16) * 257)).save(bird / "deep.png")  # 16-bit grey
-    Image.fromarray(_image(rng, 1)).convert("P").save(cat / "palette.gif")
-    Image.fromarray(_image(rng, 1)).save(cat / "UPPER.PNG")
-    Image.fromarray(_image(rng, 1, (5, 7))).save(cat / "small.png")  # the crop is 32 px
+    Image.fromarray(make_image(rng, 0)).convert("L").save(bird / "grey.png")
+    Image.fromarray(make_image(rng, 0)).convert("CMYK").save(bird / "cmyk.jpg")
+    Image.fromarray((make_image(rng, 0)[..., 0].astype(np.uint16) * 257)).save(bird / "deep.png")  # 16-bit grey
+    Image.fromarray(make_image(rng, 1)).convert("P").save(cat / "palette.gif")
+    Image.fromarray(make_image(rng, 1)).save(cat / "UPPER.PNG")
+    Image.fromarray(make_image(rng, 1, (5, 7))).save(cat / "small.png")  # the crop is 32 px
     _truncated(dog / "cut.png", "PNG")
     _truncated(dog / "cut.jpg", "JPEG")
     (dog / "fake.png").write_text("not an image at all")
@@ -367,7 +367,7 @@ def messy(tmp_path_factory):
     (cat / ".thumbs").mkdir()
     (cat / ".thumbs" / "broken.png").write_text("hidden folder")
     (root / "train" / ".cache").mkdir()
-    Image.fromarray(_image(rng, 2)).save(root / "train" / ".cache" / "0.png")
+    Image.fromarray(make_image(rng, 2)).save(root / "train" / ".cache" / "0.png")
     (bird / "readme.txt").write_text("not an image extension")
     return root
 
@@ -436,7 +436,7 @@ def test_data_root_without_a_train_folder(capsys, tmp_path):
 
 def test_train_split_without_class_folders(capsys, tmp_path):
     (tmp_path / "d" / "train").mkdir(parents=True)
-    Image.fromarray(_image(np.random.default_rng(0), 0)).save(tmp_path / "d" / "train" / "loose.png")
+    Image.fromarray(make_image(np.random.default_rng(0), 0)).save(tmp_path / "d" / "train" / "loose.png")
     (tmp_path / "d" / "train" / ".git").mkdir()  # hidden: not a class
     _data_error(capsys, tmp_path, tmp_path / "d", "train has no class folders")
 
