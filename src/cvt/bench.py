@@ -612,8 +612,11 @@ def section_key(cfg: dict) -> str:
     parts = [cfg["model"], str(cfg["img_size"]), cfg["device"].split(":")[0], cfg["dtype"], f"b{cfg['train_batch']}"]
     if cfg.get("grad_checkpointing"):
         parts.append("gc")
-    if tuple(cfg.get("tasks", ())) == ("memory",):
-        parts.append("memory")
+    if cfg.get("compile"):
+        parts.append("compile")
+    tasks = tuple(cfg.get("tasks", ()))
+    if set(tasks) != {"infer", "train", "memory", "matmul"} | ({"onnx"} & set(tasks)):
+        parts.append("+".join(tasks))  # a partial run gets its own section instead of replacing the full one
     return "-".join(parts)
 
 

@@ -1,0 +1,118 @@
+"""What each of the model's fast paths buys, measured by switching it off: `python benchmarks/ablation.py`.
+
+- `fused_inference`: eager inference adds each residual inside the matmul of the branch's last Linear and runs the
+  activation in place (`Block.forward`); off, inference runs the training-mode code path under no_grad.
+- `recompute_act`: in training the MLP recomputes its activation in backward instead of storing it
+  (`_linear_of_recomputed`); off, autograd stores it as usual.
+
+Times are interleaved (on, off, on, off, ...) in one process, medians of per-round ratios; peak memory of a
+training step is measured in a fresh process per setting (peak RSS on CPU). Prints a Markdown table; the figures
+quoted in RESULTS.md come from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+from typing import Callable
+
+import torch
+
+import cvt
+from cvt import model as cvt_model
+from cvt.bench import _peak_rss_bytes, _train_step_fn, time_per_call
+
+
+@contextlib.contextmanager
+def switched_off(path: str):
+    """The model with one fast path disabled (by replacing the function that decides or does it)."""
+    saved = {}
+    if path == "fused_inference":
+        saved["_eager_inference"] = cvt_model._eager_inference
+        cvt_model._eager_inference = lambda x: False
+    elif path == "recompute_act":
+        saved["_linear_of_recomputed"] = cvt_model._linear_of_recomputed
+        cvt_model._linear_of_recomputed = lambda linear, fn, h: linear(fn(h))
+    else:
+        raise ValueError(f"unknown fast path {path!r}")
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(cvt_model, name, fn)
+
+
+def alternate(fn: Callable[[], object], path: str, rounds: int, min_time: float) -> dict:
+    cpu = torch.device("cpu")
+    on, off = [], []
+    fn()
+    with switched_off(path):
+        fn()
+    for _ in range(rounds):
+        on.append(time_per_call(fn, cpu, min_time))
+        with switched_off(path):
+            off.append(time_per_call(fn, cpu, min_time))
+    return dict(on_s=statistics.median(on), off_s=statistics.median(off),
+                speedup=statistics.median(b / a for a, b in zip(on, off)))
+
+
+def memory_child(model: str, batch: int, img_size: int, path: str | None) -> int:
+    torch.manual_seed(0)
+    m = cvt.create_model(model, act="gelu")
+    step = _train_step_fn(m, torch.device("cpu"), "fp32", batch, img_size)
+    with switched_off(path) if path else contextlib.nullcontext():
+        for _ in range(2):
+            step()
+    return _peak_rss_bytes()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="cvt_13")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--min-time", type=float, default=1.0)
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child is not None:
+        print(memory_child(args.model, args.batch, args.img_size, args.memory_child or None))
+        return 0
+
+    torch.manual_seed(0)
+    m = cvt.create_model(args.model, act="gelu").eval()
+    x = torch.randn(args.batch, m.cfg.in_chans, args.img_size, args.img_size)
+
+    def infer():
+        with torch.inference_mode():
+            return m(x)
+
+    rows = [("inference", "fused_inference", alternate(infer, "fused_inference", args.rounds, args.min_time))]
+    step = _train_step_fn(cvt.create_model(args.model, act="gelu"), torch.device("cpu"), "fp32", args.batch, args.img_size)
+    rows.append(("training step", "recompute_act", alternate(step, "recompute_act", args.rounds, args.min_time)))
+    peaks = {}
+    for setting in ("", "recompute_act"):
+        cmd = [sys.executable, __file__, "--model", args.model, "--img-size", str(args.img_size), "--batch",
+               str(args.batch), "--memory-child", setting]
+        peaks[setting or "on"] = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+    print(f"{args.model}, {args.img_size}x{args.img_size}, batch {args.batch}, {torch.get_num_threads()} threads, "
+          f"{args.rounds} rounds; `" + " ".join(["python benchmarks/ablation.py", *(argv or sys.argv[1:])]) + "`")
+    print()
+    print("| measurement | fast path | with it (s) | without it (s) | speed-up |")
+    print("|---|---|---|---|---|")
+    for what, path, r in rows:
+        print(f"| {what} | `{path}` | {r['on_s']:.3f} | {r['off_s']:.3f} | {r['speedup']:.2f}x |")
+    print()
+    print(f"Training-step peak RSS: {peaks['on'] / 1e9:.2f} GB with `recompute_act`, "
+          f"{peaks['recompute_act'] / 1e9:.2f} GB without it.")
+    print(json.dumps(dict(rows={p: r for _, p, r in rows}, peak_rss=peaks)), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
