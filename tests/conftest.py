@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # A CvT small enough that a training step takes milliseconds.
@@ -24,6 +25,28 @@ def make_image(rng: np.random.Generator, cls: int, size=(36, 40)) -> np.ndarray:
     arr = rng.integers(0, 80, (*size, 3), dtype=np.uint8)
     arr[..., cls] = 220  # each class its own dominant colour: learnable in a few steps
     return arr
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is faster and immune to another process's load, and every
+    process of a comparison runs the same thread count. Modules opt in with `pytestmark`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_image_folder(root, seed: int, counts: dict[str, int], classes=CLASSES, size=(36, 40), suffix=".png"):
+    """`root/<split>/<class>/<i><suffix>` with counts[split] generated images a class; returns root."""
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(make_image(rng, c, size)).save(d / f"{i}{suffix}")
+    return root
 
 
 @pytest.fixture(scope="module")

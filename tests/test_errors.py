@@ -27,13 +27,9 @@ from conftest import CLASSES, TINY, TINY_ARGS, make_image
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch, tmp_path):
-    # Tiny models on a shared 2-core machine; and a run folder left by a failing command lands in tmp_path.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def in_tmp_path(one_thread, monkeypatch, tmp_path):
+    # A run folder left by a failing command lands in tmp_path.
     monkeypatch.chdir(tmp_path)
-    yield
-    torch.set_num_threads(before)
 
 
 def one_line_error(capsys, argv: list[str], *needles: str, started: bool = False) -> str:

@@ -17,13 +17,7 @@ pytest.importorskip("onnxscript")
 CASES = [(1, 32, 32), (3, 32, 32), (1, 40, 56), (3, 40, 56)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: a second thread only adds waiting, badly so on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

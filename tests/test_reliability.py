@@ -27,7 +27,7 @@ import cvt
 from cvt import engine
 from cvt.cli import main
 
-from conftest import TINY, TINY_ARGS, make_image
+from conftest import TINY, TINY_ARGS, make_image, write_image_folder
 
 # Every augmentation there is: per-image RandAugment and flips (in the DataLoader), mixup/cutmix and random erasing
 # (on the batch), EMA on top.
@@ -35,27 +35,13 @@ AUGMENT = ["--ema-decay", "0.9", "--set", "mixup=0.8", "--set", "cutmix=1.0", "-
            "randaugment=rand-m9-mstd0.5-inc1", "--set", "reprob=0.25"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine; and the same thread count in every process of a comparison.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def many(tmp_path_factory):
     """12 images a class in train/ (9 steps an epoch at batch 4), 2 a class in val/."""
-    root = tmp_path_factory.mktemp("many")
-    rng = np.random.default_rng(2)
-    for split, n in (("train", 12), ("val", 2)):
-        for c, name in enumerate(("a", "b", "c")):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(make_image(rng, c)).save(d / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("many"), 2, {"train": 12, "val": 2}, classes=("a", "b", "c"))
 
 
 @pytest.fixture(scope="module")
@@ -374,14 +360,7 @@ def _equivalence_cfg(data_dir, out, sync_bn: bool) -> dict:
 @pytest.fixture(scope="module")
 def broken_split(tmp_path_factory):
     """24 training files, 4 of them unreadable, and the rank (of 2) that reads each in epoch 1 at batch 8."""
-    root = tmp_path_factory.mktemp("broken_split")
-    rng = np.random.default_rng(3)
-    for split, n in (("train", 8), ("val", 1)):
-        for c, name in enumerate(("a", "b", "c")):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(make_image(rng, c)).save(d / f"{i}.png")
+    root = write_image_folder(tmp_path_factory.mktemp("broken_split"), 3, {"train": 8, "val": 1}, classes=("a", "b", "c"))
     broken = [str(root / "train" / name / f"{i}.png") for i, name in enumerate(("a", "b", "c", "c"))]
     for path in broken:
         Path(path).write_bytes(b"not a PNG")

@@ -20,13 +20,7 @@ from cvt.cli import main
 from conftest import CLASSES, TINY, TINY_ARGS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread is faster and immune to another process's load.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(tmp, folder, *extra: str, out: str = "run") -> tuple[int, str]:
