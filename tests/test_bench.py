@@ -3,6 +3,7 @@ machine's speed proves nothing); the figures themselves live in benchmarks/RESUL
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -79,3 +80,48 @@ def test_port_refuses_depths_it_cannot_build():
     ours = build_ours("cvt_tiny", depths=(1, 1, 2))
     with pytest.raises(ValueError, match="transformers' port cannot build depths"):
         build_hf(ours)
+
+
+def _ablation():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+    spec = importlib.util.spec_from_file_location("ablation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fast_paths_switched_off_compute_the_same():
+    """benchmarks/ablation.py switches each fast path off: the model must compute the same thing either way."""
+    import torch
+    import torch.nn.functional as F
+
+    import cvt
+
+    ablation = _ablation()
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_tiny", in_chans=3)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.inference_mode():
+        fused = model(x)
+        with ablation.switched_off("fused_inference"):
+            assert not cvt.model._eager_inference(x)  # the switch reaches the model
+            plain = model(x)
+        assert cvt.model._eager_inference(x)
+    assert torch.allclose(fused, plain, atol=1e-5)
+
+    model.train()
+    grads = []
+    for off in (False, True):
+        model.zero_grad()
+        with ablation.switched_off("recompute_act") if off else contextlib.nullcontext():
+            F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown fast path"):
+        with ablation.switched_off("warp_drive"):
+            pass
