@@ -1,0 +1,46 @@
+"""The training engine's pieces on their own: which parameters are decayed, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cvt
+from cvt.engine import WarmupCosine, build_optimizer
+
+
+def test_no_weight_decay_on_norms_biases_and_the_cls_token():
+    model = cvt.create_model("cvt_tiny", depths=(1, 1, 1))
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    kept = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    assert "stages.2.cls_token" in kept
+    for name in kept - {"stages.2.cls_token"}:
+        assert name.endswith(".bias") or "norm" in name.split(".")[-2] or ".bn." in name, name
+    for name in decayed:  # every weight matrix and convolution kernel
+        assert name.endswith(".weight") and model.get_parameter(name).ndim >= 2, name
+    assert "stages.0.blocks.0.attn.proj_q.weight" in decayed and "stages.0.patch_embed.proj.weight" in decayed
+
+
+def test_warmup_then_cosine_then_cooldown():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    s = WarmupCosine(opt, lr=1e-3, total=100, warmup=10, warmup_lr=1e-6, min_lr=1e-5, cooldown=20)
+    lrs = [s.get_last_lr()]
+    for _ in range(100):
+        s.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-6)
+    assert lrs[5] == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)  # linear warm-up
+    assert lrs[10] == pytest.approx(1e-3)  # the peak, where the cosine starts
+    assert lrs[45] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 35 / 70)))
+    assert all(a >= b for a, b in zip(lrs[10:80], lrs[11:81]))  # decreasing through the cosine
+    assert all(lr == pytest.approx(1e-5) for lr in lrs[80:])  # cool-down at min_lr
+    # the state is the step counter: a fresh schedule loaded from it continues where this one is
+    again = WarmupCosine(torch.optim.SGD([param], lr=1.0), lr=1e-3, total=100, warmup=10, min_lr=1e-5, cooldown=20)
+    again.load_state_dict({"step": 45})
+    assert again.get_last_lr() == pytest.approx(lrs[45])
