@@ -77,6 +77,12 @@ def test_eval_and_predict(trained, folder, capsys):
     assert report["top1"] == pytest.approx(summary["final_top1"], abs=1e-6)  # the same weights, the same data
     assert set(report["per_class_top1"]) == set(CLASSES)
     assert os.path.exists(f"{trained}/eval/confusion_matrix.png")
+    # the same report for people: figures, one line per class, the confusion matrix with a row per class
+    assert main(["eval", "--checkpoint", f"{trained}/model.safetensors", "--data", f"imagefolder:{folder}"]) == 0
+    text = capsys.readouterr().out
+    assert f"top-1 {report['top1']:.2f}%" in text and "per-class top-1:" in text and "confusion matrix" in text
+    rows = [line for line in text.splitlines() if line.split()[:2] in ([str(i), c] for i, c in enumerate(CLASSES))]
+    assert len(rows) == 3 and [sum(map(int, r.split()[2:])) for r in rows] == list(map(sum, report["confusion"]))
 
     good, broken = f"{folder}/val/dog/0.png", f"{folder}/train/cat/broken.jpg"
     rc = main(["predict", "--checkpoint", trained, good, broken, "--top-k", "2", "--json"])
