@@ -91,7 +91,7 @@ def _checkpoint_contexts():
 
 
 # Below this many elements (16 MB in fp32) the activation is not worth recomputing: the memory saved is small and
-# the saved-tensor hooks' fixed cost per call shows in the step time (cvt_tiny at batch 128: 2-4% slower with
+# the saved-tensor hooks' fixed cost per call shows in the step time (cvt_tiny at batch 128: 1.6-4.5% slower with
 # them). CvT-13 at batch 32 has 9.7M-25.7M elements per MLP hidden, well above.
 _RECOMPUTE_MIN_NUMEL = 1 << 22
 
