@@ -4,6 +4,9 @@
   activation in place (`Block.forward`); off, inference runs the training-mode code path under no_grad.
 - `recompute_act`: in training the MLP recomputes its activation in backward instead of storing it
   (`_linear_of_recomputed`); off, autograd stores it as usual.
+- `quick_gelu_as_silu`: the authors' QuickGELU, x * sigmoid(1.702 x), runs as a SiLU with the 1.702 moved into
+  the MLP's matmuls (`Mlp.forward`); off, it runs as the authors wrote it. Measured on the default (QuickGELU)
+  model; the two rows above use exact GELU, as the benchmark against the port does.
 
 Times are interleaved (on, off, on, off, ...) in one process, medians of per-round ratios; peak memory of a
 training step is measured in a fresh process per setting (peak RSS on CPU). Prints a Markdown table; the figures
@@ -27,23 +30,37 @@ from cvt import model as cvt_model
 from cvt.bench import _peak_rss_bytes, _train_step_fn, time_per_call
 
 
+def _authors_quick_gelu(h: torch.Tensor) -> torch.Tensor:
+    return h * torch.sigmoid(1.702 * h)
+
+
+def _authors_quick_gelu_(h: torch.Tensor) -> torch.Tensor:
+    return h.mul_(torch.sigmoid(1.702 * h))
+
+
 @contextlib.contextmanager
 def switched_off(path: str):
     """The model with one fast path disabled (by replacing the function that decides or does it)."""
-    saved = {}
     if path == "fused_inference":
-        saved["_eager_inference"] = cvt_model._eager_inference
-        cvt_model._eager_inference = lambda x: False
+        patches = [(cvt_model, "_eager_inference", lambda x: False)]
     elif path == "recompute_act":
-        saved["_linear_of_recomputed"] = cvt_model._linear_of_recomputed
-        cvt_model._linear_of_recomputed = lambda linear, fn, h: linear(fn(h))
+        patches = [(cvt_model, "_linear_of_recomputed", lambda linear, fn, h: linear(fn(h)))]
+    elif path == "quick_gelu_as_silu":  # no scales to move (s = 1) and the authors' formula as the kernel
+        patches = [
+            (cvt_model.QuickGELU, "scale", None),
+            (cvt_model.QuickGELU, "kernel", staticmethod(_authors_quick_gelu)),
+            (cvt_model.QuickGELU, "kernel_", staticmethod(_authors_quick_gelu_)),
+        ]
     else:
         raise ValueError(f"unknown fast path {path!r}")
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
     try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(cvt_model, name, fn)
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def alternate(fn: Callable[[], object], path: str, rounds: int, min_time: float) -> dict:
@@ -92,8 +109,22 @@ def main(argv: list[str] | None = None) -> int:
             return m(x)
 
     rows = [("inference", "fused_inference", alternate(infer, "fused_inference", args.rounds, args.min_time))]
-    step = _train_step_fn(cvt.create_model(args.model, act="gelu"), torch.device("cpu"), "fp32", args.batch, args.img_size)
+    cpu = torch.device("cpu")
+    step = _train_step_fn(cvt.create_model(args.model, act="gelu"), cpu, "fp32", args.batch, args.img_size)
     rows.append(("training step", "recompute_act", alternate(step, "recompute_act", args.rounds, args.min_time)))
+    del step
+    quick = cvt.create_model(args.model, act="quick_gelu").eval()
+
+    def infer_quick():
+        with torch.inference_mode():
+            return quick(x)
+
+    rows.append(("inference, QuickGELU", "quick_gelu_as_silu",
+                 alternate(infer_quick, "quick_gelu_as_silu", args.rounds, args.min_time)))
+    step = _train_step_fn(quick.train(), cpu, "fp32", args.batch, args.img_size)
+    rows.append(("training step, QuickGELU", "quick_gelu_as_silu",
+                 alternate(step, "quick_gelu_as_silu", args.rounds, args.min_time)))
+    del step
     peaks = {}
     for setting in ("", "recompute_act"):
         cmd = [sys.executable, __file__, "--model", args.model, "--img-size", str(args.img_size), "--batch",
@@ -110,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Training-step peak RSS: {peaks['on'] / 1e9:.2f} GB with `recompute_act`, "
           f"{peaks['recompute_act'] / 1e9:.2f} GB without it.")
-    print(json.dumps(dict(rows={p: r for _, p, r in rows}, peak_rss=peaks)), file=sys.stderr)
+    print(json.dumps(dict(rows={w: r for w, _, r in rows}, peak_rss=peaks)), file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,7 @@ machine's speed proves nothing); the figures themselves live in benchmarks/RESUL
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 
 import pytest
@@ -121,6 +122,25 @@ def test_fast_paths_switched_off_compute_the_same(monkeypatch):
         with ablation.switched_off("recompute_act") if off else contextlib.nullcontext():
             F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+    # QuickGELU as a SiLU with its scales in the matmuls, against the authors' formula, inference and training
+    quick = cvt.create_model("cvt_tiny", in_chans=3, act="quick_gelu").eval()
+    start = copy.deepcopy(quick.state_dict())  # a training forward moves the BatchNorm statistics
+    outputs, grads = [], []
+    for off in (False, True):
+        quick.load_state_dict(start)
+        with ablation.switched_off("quick_gelu_as_silu") if off else contextlib.nullcontext():
+            assert (cvt.model.QuickGELU.scale is None) == off  # the switch reaches the model
+            with torch.inference_mode():
+                outputs.append(quick(x))
+            quick.train().zero_grad()
+            F.cross_entropy(quick(x), torch.tensor([1, 2])).backward()
+            grads.append([p.grad.clone() for p in quick.parameters()])
+            quick.eval()
+    assert cvt.model.QuickGELU.scale == 1.702  # and is undone
+    assert torch.allclose(*outputs, atol=1e-5)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="unknown fast path"):

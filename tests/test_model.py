@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import pickle
 import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import cvt
-from cvt.model import CvT, LayerNorm
+from cvt.model import CvT, LayerNorm, Mlp
 from cvt.weights import CheckpointError
 
 PAPER_PARAMS = {"cvt_13": 19_997_480, "cvt_21": 31_622_696, "cvt_w24": 277_196_392}
@@ -130,6 +132,57 @@ def test_eval_matches_train_mode_batchnorm_math():
     x = torch.randn(2, 8, 9, 7)
     expected = proj.bn(proj.conv(x)).flatten(2).transpose(1, 2)
     assert torch.allclose(proj(x), expected, atol=1e-5)
+
+
+class _PlusDelta(nn.Module):
+    """What a LoRA wrapper looks like to the model: the original Linear plus a trainable change."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.base = linear
+        self.delta = nn.Parameter(torch.full((linear.out_features,), 0.5))
+
+    def forward(self, x):
+        return self.base(x) + self.delta
+
+
+class _CountingReLU(nn.ReLU):
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layer", ["fc1", "fc2"])
+def test_replaced_mlp_layers_are_called(training, layer):
+    """The fused MLP reads fc1/fc2's weights and the activation's kernel (QuickGELU as a SiLU with its scales in
+    the matmuls); a replaced Linear (a LoRA wrapper), a hooked one or another activation must be called instead."""
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_13", depths=(1, 1, 1), num_classes=5, drop_path_rate=0.0).train(training)
+    nn.init.normal_(model.head.weight, std=0.1)
+    unchanged = copy.deepcopy(model)
+    reference = copy.deepcopy(model)  # plain layers whose bias is 0.5 larger: the fused path, same function
+    hooked = copy.deepcopy(model)  # plain layers with a forward hook adding 0.5 (pruning and capture use hooks)
+    mlps = {name: [m for m in net.modules() if isinstance(m, Mlp)] for name, net in
+            [("model", model), ("reference", reference), ("hooked", hooked)]}
+    for wrapped, plain, with_hook in zip(*mlps.values(), strict=True):
+        setattr(wrapped, layer, _PlusDelta(getattr(wrapped, layer)))
+        with torch.no_grad():
+            getattr(plain, layer).bias += 0.5
+        getattr(with_hook, layer).register_forward_hook(lambda mod, inputs, out: out + 0.5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.set_grad_enabled(training):
+        expected = reference(x)
+        assert (expected - unchanged(x)).abs().max() > 1e-3  # the 0.5 shows, so the comparisons below can fail
+        assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(hooked(x), expected, rtol=1e-5, atol=1e-5)
+        _CountingReLU.calls = 0
+        for m in mlps["model"]:
+            m.act = _CountingReLU()
+        model(x)
+    assert _CountingReLU.calls == 3
 
 
 def test_timm_interface():

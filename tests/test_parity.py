@@ -153,10 +153,12 @@ def test_convert_round_trip_back_to_transformers(hf_cvt13, tmp_path):
         assert torch.equal(back.state_dict()[key], value), key
 
 
-def test_training_step_matches_transformers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_training_step_matches_transformers(tmp_path, monkeypatch, act):
     """Train mode (BatchNorm on batch statistics), loss and every parameter's gradient against the port's: this
     covers our training-only paths (the MLP recomputing its activation in backward instead of storing it, which
-    a model this small only takes with the size threshold lowered)."""
+    a model this small only takes with the size threshold lowered; QuickGELU run as a SiLU with its scales folded
+    into the MLP's weights, against the port with the authors' formula swapped in)."""
     monkeypatch.setattr(cvt.model, "_RECOMPUTE_MIN_NUMEL", 0)
     torch.manual_seed(0)
     config = transformers.CvtConfig(
@@ -165,7 +167,11 @@ def test_training_step_matches_transformers(tmp_path, monkeypatch):
     hf = transformers.CvtForImageClassification(config)
     _randomize_bn(hf)
     hf.save_pretrained(tmp_path)
-    ours = cvt.from_pretrained(tmp_path, act="gelu")
+    ours = cvt.from_pretrained(tmp_path, act=act)
+    if act == "quick_gelu":
+        for layer in hf.modules():
+            if type(layer).__name__ == "CvtIntermediate":
+                layer.activation = _QuickGELU()
     hf.train(), ours.train()
     x = torch.randn(3, 3, 64, 80)
     y = torch.tensor([0, 3, 4])

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,21 +30,32 @@ from .config import CvTConfig
 # Primitives
 # ---------------------------------------------------------------------------------------------------------------
 class QuickGELU(nn.Module):
-    """authors: `x * sigmoid(1.702 x)`, the activation the released weights were trained with."""
+    """authors: `x * sigmoid(1.702 x)`, the activation the released weights were trained with.
+
+    The same function is `silu(1.702 x) / 1.702`, and SiLU is one fused kernel forward and one backward, where
+    the authors' formula is three elementwise passes forward and five backward. The MLP moves the two scales
+    into its matmuls (`Mlp.forward`), which leaves a bare SiLU on the hidden tensor.
+    """
+
+    scale = 1.702  # the activation is kernel(scale * x) / scale
+    kernel = staticmethod(F.silu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return F.silu(self.scale * x) / self.scale
 
     @staticmethod
-    def forward_(x: torch.Tensor) -> torch.Tensor:
-        """In place on `x` (inference only)."""
-        return x.mul_(torch.sigmoid(1.702 * x))
+    def kernel_(x: torch.Tensor) -> torch.Tensor:
+        """`kernel` in place on `x` (inference only)."""
+        return F.silu(x, inplace=True)
 
 
 class GELU(nn.GELU):
+    scale = None  # exact GELU is a fused kernel as it is: nothing to fold
+    kernel = staticmethod(F.gelu)
+
     @staticmethod
-    def forward_(x: torch.Tensor) -> torch.Tensor:
-        """In place on `x` (inference only)."""
+    def kernel_(x: torch.Tensor) -> torch.Tensor:
+        """`kernel` in place on `x` (inference only)."""
         return torch.ops.aten.gelu_(x)
 
 
@@ -96,7 +108,7 @@ def _checkpoint_contexts():
 _RECOMPUTE_MIN_NUMEL = 1 << 22
 
 
-def _linear_of_recomputed(linear: nn.Linear, fn, h: torch.Tensor) -> torch.Tensor:
+def _linear_of_recomputed(linear: Callable[[torch.Tensor], torch.Tensor], fn, h: torch.Tensor) -> torch.Tensor:
     """`linear(fn(h))`, where autograd keeps `h` but not `fn(h)`: backward recomputes `fn(h)` instead.
 
     Used for the MLP's fc2(act(fc1 x)): the activation's output, 4x the block's width, is the largest tensor a
@@ -139,9 +151,22 @@ def _eager_inference(x: torch.Tensor) -> bool:
     )
 
 
-def _residual_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, inplace: bool) -> torch.Tensor:
-    """`residual + linear(x)` as one matmul accumulating into the residual (inference only; `inplace` writes
-    into `residual` itself)."""
+def _scaled_linear(x: torch.Tensor, linear: nn.Linear, alpha: float = 1.0, beta: float = 1.0) -> torch.Tensor:
+    """`alpha * x @ W.T + beta * b` for `linear`'s W and b, the scales applied inside the matmul: no scaled copy
+    of the weight (which at small batches is larger than `x`) and no extra rounding of low-precision weights."""
+    flat = x.reshape(-1, x.shape[-1])  # (..., C_in) -> (N, C_in)
+    if linear.bias is None:
+        out = torch.mm(flat, linear.weight.t()) * alpha
+    else:
+        out = torch.addmm(linear.bias, flat, linear.weight.t(), beta=beta, alpha=alpha)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _residual_linear(
+    residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, inplace: bool, alpha: float = 1.0
+) -> torch.Tensor:
+    """`residual + alpha * x @ W.T + b` as one matmul accumulating into the residual (inference only;
+    `inplace` writes into `residual` itself)."""
     if inplace:
         out = residual.add_(linear.bias) if linear.bias is not None else residual
     else:
@@ -149,8 +174,21 @@ def _residual_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear,
         out = out.contiguous()
     flat = out.view(-1, out.shape[-1])
     # addmm with out= aliasing its input: the same kernel as addmm_, but MAC counters see an addmm
-    torch.addmm(flat, x.reshape(-1, x.shape[-1]), linear.weight.t(), out=flat)
+    torch.addmm(flat, x.reshape(-1, x.shape[-1]), linear.weight.t(), alpha=alpha, out=flat)
     return out
+
+
+def _as_built(module: nn.Module, kind: type | tuple[type, ...]) -> bool:
+    """`module` is exactly `kind` (not a subclass or a wrapper such as LoRA's) and nothing hooks its forward: the
+    fused paths read its weights or its kernel directly, which would bypass a wrapper, a hook or a pruning mask."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return (
+        type(module) in kinds
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not getattr(nn.modules.module, "_global_forward_hooks", None)
+        and not getattr(nn.modules.module, "_global_forward_pre_hooks", None)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,8 +339,20 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
+    def plain(self) -> bool:
+        """fc1, act and fc2 are as built, so the fused path below may read their weights and kernel; otherwise
+        (a LoRA wrapper of fc1, another activation, a hook) they are called as modules."""
+        linears = _as_built(self.fc1, nn.Linear) and _as_built(self.fc2, nn.Linear)
+        return linears and _as_built(self.act, (QuickGELU, GELU))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
+        if not self.plain():
+            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        # act(h) = kernel(s h) / s (QuickGELU: SiLU, s = 1.702; GELU: itself, s = 1), so fc1 computes s h and
+        # fc2 takes 1/s, both inside their matmuls: the hidden tensor sees the one fused kernel and nothing else.
+        s = self.act.scale or 1.0
+        h = _scaled_linear(x, self.fc1, s, s)  # (B, T, hidden), = s * fc1(x)
+        fc2 = functools.partial(_scaled_linear, linear=self.fc2, alpha=1.0 / s)
         if (
             h.numel() >= _RECOMPUTE_MIN_NUMEL
             and torch.is_grad_enabled()
@@ -310,8 +360,8 @@ class Mlp(nn.Module):
             and not _CHECKPOINTED.get()
             and not torch.compiler.is_compiling()  # the compiler decides for itself what to recompute
         ):
-            return self.drop(_linear_of_recomputed(self.fc2, self.act, h))
-        return self.drop(self.fc2(self.drop(self.act(h))))
+            return self.drop(_linear_of_recomputed(fc2, self.act.kernel, h))
+        return self.drop(fc2(self.drop(self.act.kernel(h))))
 
 
 class Block(nn.Module):
@@ -335,9 +385,13 @@ class Block(nn.Module):
         """The same arithmetic in fewer passes over memory: each residual add rides on the matmul of the
         branch's last Linear (accumulating into the residual), and the activation runs in place. Only tensors
         made here are written in place; the input `x` is left as it is."""
+        if not (_as_built(self.attn.proj, nn.Linear) and self.mlp.plain()):
+            x = x + self.attn(self.norm1(x), h, w, has_cls)
+            return x + self.mlp(self.norm2(x))
         y = _residual_linear(x, self.attn.attend(self.norm1(x), h, w, has_cls), self.attn.proj, inplace=False)
-        hidden = self.mlp.act.forward_(self.mlp.fc1(self.norm2(y)))
-        return _residual_linear(y, hidden, self.mlp.fc2, inplace=True)
+        s = self.mlp.act.scale or 1.0  # as in Mlp.forward
+        hidden = self.mlp.act.kernel_(_scaled_linear(self.norm2(y), self.mlp.fc1, s, s))
+        return _residual_linear(y, hidden, self.mlp.fc2, inplace=True, alpha=1.0 / s)
 
 
 # ---------------------------------------------------------------------------------------------------------------
