@@ -157,8 +157,8 @@ def test_convert_round_trip_back_to_transformers(hf_cvt13, tmp_path):
 def test_training_step_matches_transformers(tmp_path, monkeypatch, act):
     """Train mode (BatchNorm on batch statistics), loss and every parameter's gradient against the port's: this
     covers our training-only paths (the MLP recomputing its activation in backward instead of storing it, which
-    a model this small only takes with the size threshold lowered; QuickGELU run as a SiLU with its scales folded
-    into the MLP's weights, against the port with the authors' formula swapped in)."""
+    a model this small only takes with the size threshold lowered; QuickGELU run as a SiLU with its scales moved
+    into the MLP's matmuls, against the port with the authors' formula swapped in)."""
     monkeypatch.setattr(cvt.model, "_RECOMPUTE_MIN_NUMEL", 0)
     torch.manual_seed(0)
     config = transformers.CvtConfig(
