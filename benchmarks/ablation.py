@@ -104,23 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     m = cvt.create_model(args.model, act="gelu").eval()
     x = torch.randn(args.batch, m.cfg.in_chans, args.img_size, args.img_size)
 
-    def infer():
-        with torch.inference_mode():
-            return m(x)
+    def inference(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        def run():
+            with torch.inference_mode():
+                return model(x)
 
-    rows = [("inference", "fused_inference", alternate(infer, "fused_inference", args.rounds, args.min_time))]
+        return run
+
+    rows = [("inference", "fused_inference", alternate(inference(m), "fused_inference", args.rounds, args.min_time))]
     cpu = torch.device("cpu")
     step = _train_step_fn(cvt.create_model(args.model, act="gelu"), cpu, "fp32", args.batch, args.img_size)
     rows.append(("training step", "recompute_act", alternate(step, "recompute_act", args.rounds, args.min_time)))
     del step
     quick = cvt.create_model(args.model, act="quick_gelu").eval()
-
-    def infer_quick():
-        with torch.inference_mode():
-            return quick(x)
-
     rows.append(("inference, QuickGELU", "quick_gelu_as_silu",
-                 alternate(infer_quick, "quick_gelu_as_silu", args.rounds, args.min_time)))
+                 alternate(inference(quick), "quick_gelu_as_silu", args.rounds, args.min_time)))
     step = _train_step_fn(quick.train(), cpu, "fp32", args.batch, args.img_size)
     rows.append(("training step, QuickGELU", "quick_gelu_as_silu",
                  alternate(step, "quick_gelu_as_silu", args.rounds, args.min_time)))

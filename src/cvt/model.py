@@ -345,14 +345,21 @@ class Mlp(nn.Module):
         linears = _as_built(self.fc1, nn.Linear) and _as_built(self.fc2, nn.Linear)
         return linears and _as_built(self.act, (QuickGELU, GELU))
 
+    # act(h) = kernel(s h) / s (QuickGELU: SiLU, s = 1.702; GELU: itself, s = 1), so fc1 computes s h and fc2
+    # takes 1/s, both inside their matmuls: the hidden tensor sees the one fused kernel and nothing else.
+    def scale(self) -> float:
+        return self.act.scale or 1.0
+
+    def fc1_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """s * fc1(x), the input of `act.kernel`: (B, T, dim) -> (B, T, hidden). Only for `plain()` MLPs."""
+        s = self.scale()
+        return _scaled_linear(x, self.fc1, s, s)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.plain():
             return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-        # act(h) = kernel(s h) / s (QuickGELU: SiLU, s = 1.702; GELU: itself, s = 1), so fc1 computes s h and
-        # fc2 takes 1/s, both inside their matmuls: the hidden tensor sees the one fused kernel and nothing else.
-        s = self.act.scale or 1.0
-        h = _scaled_linear(x, self.fc1, s, s)  # (B, T, hidden), = s * fc1(x)
-        fc2 = functools.partial(_scaled_linear, linear=self.fc2, alpha=1.0 / s)
+        h = self.fc1_scaled(x)
+        fc2 = functools.partial(_scaled_linear, linear=self.fc2, alpha=1.0 / self.scale())
         if (
             h.numel() >= _RECOMPUTE_MIN_NUMEL
             and torch.is_grad_enabled()
@@ -376,7 +383,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act, cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
-        if not self.training and _eager_inference(x):
+        if not self.training and _eager_inference(x) and _as_built(self.attn.proj, nn.Linear) and self.mlp.plain():
             return self._forward_inference(x, h, w, has_cls)
         x = x + self.drop_path(self.attn(self.norm1(x), h, w, has_cls))
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -384,14 +391,11 @@ class Block(nn.Module):
     def _forward_inference(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
         """The same arithmetic in fewer passes over memory: each residual add rides on the matmul of the
         branch's last Linear (accumulating into the residual), and the activation runs in place. Only tensors
-        made here are written in place; the input `x` is left as it is."""
-        if not (_as_built(self.attn.proj, nn.Linear) and self.mlp.plain()):
-            x = x + self.attn(self.norm1(x), h, w, has_cls)
-            return x + self.mlp(self.norm2(x))
+        made here are written in place; the input `x` is left as it is. Only for an as-built proj and MLP, whose
+        weights it reads."""
         y = _residual_linear(x, self.attn.attend(self.norm1(x), h, w, has_cls), self.attn.proj, inplace=False)
-        s = self.mlp.act.scale or 1.0  # as in Mlp.forward
-        hidden = self.mlp.act.kernel_(_scaled_linear(self.norm2(y), self.mlp.fc1, s, s))
-        return _residual_linear(y, hidden, self.mlp.fc2, inplace=True, alpha=1.0 / s)
+        hidden = self.mlp.act.kernel_(self.mlp.fc1_scaled(self.norm2(y)))
+        return _residual_linear(y, hidden, self.mlp.fc2, inplace=True, alpha=1.0 / self.mlp.scale())
 
 
 # ---------------------------------------------------------------------------------------------------------------
