@@ -37,6 +37,7 @@ def test_every_figure_is_there_and_positive(result):
         assert row["speedup_vs_hf"] > 0 and row["ours"]["fraction_of_matmul"] > 0
     train = result["train"]["2"]
     assert train["ours"]["images_per_s"] > 0 and train["hf"]["images_per_s"] > 0 and train["speedup_vs_hf"] > 0
+    assert train["ours"]["fraction_of_matmul"] > 0 and "fraction_of_matmul" not in train["hf"]  # ours' MFU only
     assert result["matmul"]["macs_per_s"] > 0
     mem = result["memory"]
     for impl in ("ours", "hf"):
@@ -62,9 +63,11 @@ def test_markdown_section_replaces_itself_and_keeps_notes(result, tmp_path):
 def test_cli_writes_json(tmp_path):
     out = tmp_path / "r.json"
     argv = ["bench", "--model", "cvt_small", "--img-size", "32", "--batch-sizes", "2", "--rounds", "1",
-            "--tasks", "infer", "--min-time", "0", "--threads", "1", "--json", str(out), "--markdown", str(tmp_path / "R.md")]
+            "--tasks", "infer,matmul", "--matmul-size", "64", "--min-time", "0", "--threads", "1", "--json", str(out),
+            "--markdown", str(tmp_path / "R.md")]
     assert main(argv) == 0
     data = json.loads(out.read_text())
+    assert data["matmul"]["n"] == 64  # the reference product's size is the user's to set (a GPU needs a big one)
     assert data["infer"]["2"]["ours"]["images_per_s"] > 0 and "train" not in data
     assert "cvt_small" in (tmp_path / "R.md").read_text()
 

@@ -397,7 +397,17 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
             tm = torch.compile(_clone_for_training(ours, device))
             calls["ours_compiled"] = _train_step_fn(tm, device, cfg.dtype, cfg.train_batch, cfg.img_size, cfg.seed)
         log(f"training step, batch {cfg.train_batch}: {cfg.rounds} round(s) of {', '.join(calls)}")
-        result["train"] = {str(cfg.train_batch): alternate(calls, cfg.train_batch)[0]}
+        row, t, mm = alternate(calls, cfg.train_batch)
+        if mm is not None:
+            # Model FLOP utilization of the step: forward + backward counted as 3x the forward's MACs (the
+            # usual convention; BatchNorm, softmax and the optimizer are not counted), against the matmul's rate.
+            mm_rate = [cfg.matmul_size**3 / s for s in mm["samples"]]
+            for name in ("ours", "ours_compiled"):
+                if name in t:
+                    b = cfg.train_batch
+                    row[name]["fraction_of_matmul"] = statistics.median(
+                        3 * macs * b / s / r for s, r in zip(t[name]["samples"], mm_rate))
+        result["train"] = {str(cfg.train_batch): row}
         del train_models, calls
 
     if mm_samples:
@@ -544,7 +554,8 @@ def to_markdown(r: dict) -> str:
         lines.append(
             f"Matmul {mm['n']}x{mm['n']} ({mm['dtype']}): {2 * mm['macs_per_s'] / 1e9:.1f} GFLOP/s "
             f"({mm['macs_per_s'] / 1e9:.1f} GMAC/s), median over all alternations; \"% of matmul rate\" is our "
-            "forward's MACs per second over the matmul's, median of the per-round ratios."
+            "forward's MACs per second over the matmul's (training step: 3x the forward's MACs), median of the "
+            "per-round ratios."
         )
         lines.append("")
     if "memory" in r:

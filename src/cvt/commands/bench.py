@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx", action="store_true", help="also time ONNX Runtime on the exported model (CPU)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours), with its compile time")
     parser.add_argument("--grad-checkpointing", action="store_true", help="ours with gradient checkpointing (memory)")
+    parser.add_argument("--matmul-size", type=int, default=None,
+                        help="side of the reference fp32/bf16 matmul (default 2048 on CPU, 8192 on GPU)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds per timed measurement (default 1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, batches 1,8, training batch 8")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
@@ -66,6 +68,8 @@ def config_from_args(args: argparse.Namespace):
         compile=args.compile,
         grad_checkpointing=args.grad_checkpointing,
         min_time=pick(args.min_time, 1.0, 0.3),
+        # A GPU needs a large product to reach its rate (a 2048 one is launch- and wave-bound there).
+        matmul_size=args.matmul_size or (8192 if args.device.startswith("cuda") else 2048),
     )
 
 
