@@ -352,6 +352,11 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
         mm_call = lambda: torch.mm(a, b, out=mm_out)  # noqa: E731 - preallocated output: the multiply alone
     mm_samples: list[float] = []
 
+    def fraction_of_matmul(timed: dict[str, Any], mm: dict[str, Any], macs_per_call: float) -> float:
+        """A call's MACs per second over the matmul's, median of the per-round ratios."""
+        rounds = zip(timed["samples"], mm["samples"])
+        return statistics.median(macs_per_call / s / (cfg.matmul_size**3 / m) for s, m in rounds)
+
     def alternate(calls: dict[str, Callable[[], Any]], batch: int) -> dict[str, Any]:
         if mm_call is not None:
             calls = dict(calls, matmul=mm_call)
@@ -380,10 +385,8 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
                 # our forward's multiply-accumulate rate against the matmul's, round by round
                 for name in ("ours", "ours_compiled"):
                     if name in t:
-                        mm_rate = [cfg.matmul_size**3 / s for s in mm["samples"]]
-                        fractions = [macs * batch / s / r for s, r in zip(t[name]["samples"], mm_rate)]
                         row[name]["macs_per_s"] = macs * row[name]["images_per_s"]
-                        row[name]["fraction_of_matmul"] = statistics.median(fractions)
+                        row[name]["fraction_of_matmul"] = fraction_of_matmul(t[name], mm, macs * batch)
             result["infer"][str(batch)] = row
 
     if "train" in cfg.tasks:
@@ -401,12 +404,9 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
         if mm is not None:
             # Model FLOP utilization of the step: forward + backward counted as 3x the forward's MACs (the
             # usual convention; BatchNorm, softmax and the optimizer are not counted), against the matmul's rate.
-            mm_rate = [cfg.matmul_size**3 / s for s in mm["samples"]]
             for name in ("ours", "ours_compiled"):
                 if name in t:
-                    b = cfg.train_batch
-                    row[name]["fraction_of_matmul"] = statistics.median(
-                        3 * macs * b / s / r for s, r in zip(t[name]["samples"], mm_rate))
+                    row[name]["fraction_of_matmul"] = fraction_of_matmul(t[name], mm, 3 * macs * cfg.train_batch)
         result["train"] = {str(cfg.train_batch): row}
         del train_models, calls
 
