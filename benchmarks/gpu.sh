@@ -3,35 +3,65 @@
 # machine (10 minutes at most per command, 15 minutes of device time per session, start-up included):
 #   1. `cvt bench` on the GPU, ours against transformers' port: bf16, then fp32, batch 64, with the model FLOP
 #      utilization against a large matmul of the same dtype measured in the same run;
-#   2. the Fashion-MNIST full recipe (configs/fashion_mnist_full.yaml) for what is left of TRAIN_SECONDS: per-epoch
-#      images/s and seconds, top-1 every 5 epochs (time to accuracy), the summary if it finishes.
+#   2. Fashion-MNIST recipes trained side by side on the one GPU until BUDGET seconds after the start (small models
+#      leave a GPU mostly idle, each process being bound by its CPU thread queuing kernels): the full recipe
+#      (configs/fashion_mnist_full.yaml) and two variants of it. A one-epoch probe of all of them together measures
+#      seconds per epoch first; each then trains for as many epochs as fit the time left, with its cosine schedule
+#      over those epochs. The epochs each run got are in its recipe.yaml and summary.json.
 #
 # Here, once:      mkdir -p .fmnist && cp /usr/share/datasets/fashion-mnist/*.gz .fmnist/   (.fmnist is ignored)
 # On the machine:  device tool, run(command="bash benchmarks/gpu.sh", carry=[".fmnist"], timeout_s=600)
 # Dry run here:    DEVICE=cpu QUICK=1 PY=.venv/bin/python OUT=/tmp/gpu_dry bash benchmarks/gpu.sh
 #
 # It uses the machine's own torch, transformers and timm (nothing installed). What comes back ($OUT, 8 files at
-# most): RESULTS.md (benchmarks/RESULTS.md with the GPU sections added: copy it over the repo's), bench_bf16.json,
-# bench_fp32.json, fmnist_metrics.jsonl, fmnist_summary.json (only if the run finished), fmnist.log, gpu.log.
+# most): RESULTS.md (benchmarks/RESULTS.md with the GPU sections added: copy it over the repo's), gpu.log,
+# runs.tar.gz (the bench JSONs; each run's metrics.jsonl, summary.json, recipe.yaml and log) and each finished
+# run's weights as <run>.safetensors, to check here with `cvt eval --checkpoint`.
 set -uo pipefail
 
+START=$(date +%s)
 OUT=${OUT:-runs/gpu}
 DEVICE=${DEVICE:-cuda}
-TRAIN_SECONDS=${TRAIN_SECONDS:-330}   # the bench takes ~3 minutes before it; keep the sum under the 600 s limit
-EPOCHS=${EPOCHS:-200}
+BUDGET=${BUDGET:-555}                  # seconds from the start until every training run must have ended
 DATA_DIR=${DATA_DIR:-.fmnist}
 PY=${PY:-python3}                      # the machine's python3 holds its PyTorch
+RUNS=${RUNS:-/tmp/cvt_runs}
 mkdir -p "$OUT"
+rm -rf "$RUNS" && mkdir -p "$RUNS"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu.log") 2>&1
+left() { echo $((START + BUDGET - $(date +%s))); }
 
-if [ "${QUICK:-0}" = 1 ]; then  # a dry run of the script itself: tiny sizes, a few seconds of training
+# name and `cvt train` arguments of each recipe trained side by side
+FULL=(--config configs/fashion_mnist_full.yaml)
+RECIPES=(
+    "full|${FULL[*]}"                                             # cvt_small, 28/14/7 tokens, 4.0M
+    "small_nomix|${FULL[*]} --set mixup=0 --set cutmix=0"         # the same without Mixup/CutMix
+    "tiny_nomix|${FULL[*]} --model cvt_tiny --set mixup=0 --set cutmix=0"  # cvt_tiny, 28/14/7 tokens, 0.72M
+)
+BENCH_SECONDS=${BENCH_SECONDS:-100}
+MIN_EPOCHS=${MIN_EPOCHS:-15}           # fewer would not be the recipe (5 warm-up and 5 cool-down epochs)
+EXTRA=()
+if [ "${QUICK:-0}" = 1 ]; then  # a dry run of the script itself: tiny sizes, a 600-image subset of the data
     BENCH=(--model cvt_small --img-size 32 --batch-sizes 1,2 --train-batch 2 --rounds 1 --min-time 0 --matmul-size 128)
-    TRAIN=(--config configs/fashion_mnist_demo.yaml --epochs 1)
-    TRAIN_SECONDS=${QUICK_TRAIN_SECONDS:-20}
+    BUDGET=${QUICK_BUDGET:-240}
+    MIN_EPOCHS=1
+    EXTRA=(--warmup-epochs 0 --set cooldown_epochs=0)
+    "$PY" - "$DATA_DIR" "$RUNS/data" <<'EOF'
+import gzip, struct, sys, pathlib
+src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+dst.mkdir(parents=True)
+for split, n in (("train", 512), ("t10k", 256)):
+    for kind, item in (("images-idx3", 28 * 28), ("labels-idx1", 1)):
+        name = f"{split}-{kind}-ubyte.gz"
+        raw = gzip.open(src / name).read()
+        head = 16 if item > 1 else 8
+        header = bytearray(raw[:head]); header[4:8] = struct.pack(">I", n)
+        gzip.open(dst / name, "wb").write(bytes(header) + raw[head:head + n * item])
+EOF
+    DATA_DIR="$RUNS/data"
 else
-    BENCH=(--batch-sizes 1,64 --train-batch 64 --rounds 3)
-    TRAIN=(--config configs/fashion_mnist_full.yaml --epochs "$EPOCHS")
+    BENCH=(--batch-sizes 1,64 --train-batch 64 --rounds 3 --min-time 0.5)
 fi
 
 "$PY" - <<'EOF'
@@ -44,18 +74,55 @@ EOF
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 for dtype in bf16 fp32; do
     echo "== bench $DEVICE $dtype: $(date -u +%T)"
-    "$PY" -m cvt.cli bench --device "$DEVICE" --dtype "$dtype" "${BENCH[@]}" \
-        --json "$OUT/bench_$dtype.json" --markdown "$OUT/RESULTS.md" || echo "bench $dtype failed: rc $?"
+    timeout "$BENCH_SECONDS" "$PY" -m cvt.cli bench --device "$DEVICE" --dtype "$dtype" "${BENCH[@]}" \
+        --json "$RUNS/bench_$dtype.json" --markdown "$OUT/RESULTS.md" || echo "bench $dtype failed: rc $?"
 done
 
 [ -f "$DATA_DIR/train-images-idx3-ubyte.gz" ] || { echo "no Fashion-MNIST in $DATA_DIR: carry .fmnist (see top)"; exit 1; }
-echo "== train for at most ${TRAIN_SECONDS} s: $(date -u +%T)"
-run=/tmp/cvt_fmnist_full
-rm -rf "$run"
-timeout "$TRAIN_SECONDS" "$PY" -m cvt.cli train "${TRAIN[@]}" --data-dir "$DATA_DIR" --device "$DEVICE" \
-    --out "$run" > "$OUT/fmnist.log" 2>&1
-echo "train exit status $? (124: stopped at ${TRAIN_SECONDS} s)"
-tail -n 5 "$OUT/fmnist.log"
-cp "$run/metrics.jsonl" "$OUT/fmnist_metrics.jsonl" 2>/dev/null || echo "no metrics.jsonl (no epoch finished)"
-cp "$run/summary.json" "$OUT/fmnist_summary.json" 2>/dev/null || true
+train() {  # name, epochs, seconds allowed, extra arguments...
+    local name=$1 epochs=$2 seconds=$3; shift 3
+    timeout "$seconds" "$PY" -m cvt.cli train "$@" --epochs "$epochs" --data-dir "$DATA_DIR" --device "$DEVICE" \
+        --out "$RUNS/$name" > "$RUNS/$name.log" 2>&1
+    echo "$name: exit status $? after $epochs epochs or ${seconds} s (124: stopped at the time limit)"
+}
+
+pids=()
+echo "== probe: one epoch of each recipe, side by side: $(date -u +%T), $(left) s left"
+for r in "${RECIPES[@]}"; do
+    name=${r%%|*}
+    # shellcheck disable=SC2086  # the recipe's arguments are words
+    train "probe_$name" 1 120 ${r#*|} --warmup-epochs 0 --set cooldown_epochs=0 &
+    pids+=($!)
+done
+wait "${pids[@]}"  # (a bare `wait` would also wait for the `tee` above, which never ends)
+pids=()
+echo "== train side by side: $(date -u +%T), $(left) s left"
+for r in "${RECIPES[@]}"; do
+    name=${r%%|*}
+    # Seconds of the probe's epoch (its first: conservative), then the epochs that fit 85% of the time left: the
+    # rest covers start-up, evaluation every 5 epochs and checkpoints.
+    epochs=$("$PY" - "$RUNS/probe_$name/metrics.jsonl" "$(left)" <<'EOF'
+import json, sys
+try:
+    seconds = json.loads(open(sys.argv[1]).readlines()[-1])["seconds"]
+except (OSError, IndexError, KeyError, ValueError):
+    print(0); raise SystemExit
+print(max(0, min(200, int(0.85 * (int(sys.argv[2]) - 20) / seconds))))
+EOF
+)
+    echo "$name: $epochs epochs"
+    # shellcheck disable=SC2086
+    [ "$epochs" -ge "$MIN_EPOCHS" ] && { train "$name" "$epochs" "$(left)" ${r#*|} "${EXTRA[@]}" & pids+=($!); }
+done
+[ ${#pids[@]} = 0 ] || wait "${pids[@]}"
+
+echo "== collect: $(date -u +%T)"
+for r in "${RECIPES[@]}"; do
+    name=${r%%|*}
+    tail -n 3 "$RUNS/$name.log" 2>/dev/null
+    [ -f "$RUNS/$name/summary.json" ] && cp "$RUNS/$name/model.safetensors" "$OUT/$name.safetensors"
+done
+(cd "$RUNS" && tar czf "$OUT/runs.tar.gz" --exclude='*.safetensors' --exclude='*.pt' --exclude=tensorboard \
+    --exclude=data --exclude='*.png' .)
+ls -la "$OUT"
 echo "== done: $(date -u +%T)"

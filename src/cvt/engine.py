@@ -237,7 +237,7 @@ def train_one_epoch(
     epoch: int,
     steps: int,
     start_step: int = 0,
-    on_step: Callable[[int, float, float], None] | None = None,
+    on_step: Callable[[int, torch.Tensor, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> EpochStats:
     """Optimizer steps `start_step`..`steps - 1` of `epoch` (each of `accum_steps` micro-batches from `loader`,
@@ -245,7 +245,8 @@ def train_one_epoch(
     t.net.train()
     batches = iter(loader)
     loss_sum = torch.zeros((), device=t.device)
-    images, done, taken, bad_steps = 0, 0, 0, 0
+    taken = torch.zeros((), dtype=torch.int, device=t.device)
+    images, done, bad_steps, pending = 0, 0, 0, None
     start = time.perf_counter()
     for step in range(start_step, steps):
         t.optimizer.zero_grad(set_to_none=True)
@@ -280,21 +281,15 @@ def train_one_epoch(
             t.scaler.unscale_(t.optimizer)
         # The norm of the (all-reduced) gradients: the same on every rank, so every rank takes the same decision.
         norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.clip_grad or math.inf)
-        if not torch.isfinite(norm):
-            if t.scaler is None:
-                raise NonFiniteLoss(
-                    f"non-finite loss/gradients at epoch {epoch + 1}, step {step + 1} of {steps} "
-                    f"(loss {step_loss.item():.4g}); the last checkpoint was left as it was. "
-                    "Try a lower --lr, clip_grad, or --amp none"
-                )
-            bad_steps += 1  # fp16: the scaler skips this step and lowers its scale, as scalers do
-            if bad_steps > 100:
-                raise NonFiniteLoss(f"100 steps in a row with non-finite gradients under fp16 (epoch {epoch + 1})")
-        else:
-            bad_steps = 0
-            # The epoch's loss is the mean over the steps taken: one skipped NaN step must not make it NaN.
-            loss_sum += step_loss
-            taken += 1
+        finite = torch.isfinite(norm)
+        # The epoch's loss is the mean over the steps taken: one skipped NaN step must not make it NaN.
+        loss_sum += torch.where(finite, step_loss, 0.0)
+        taken += finite.int()
+        # Reading `finite` waits for the device. Reading the previous step's instead lets a GPU run one step
+        # behind the CPU that queues its work: a non-finite step is reported one step later, before any checkpoint.
+        if pending is not None:
+            bad_steps = _check_finite(t, *pending, bad_steps)
+        pending = (finite, step_loss, epoch, step, steps)
         if t.scaler is not None:
             t.scaler.step(t.optimizer)
             t.scaler.update()
@@ -305,11 +300,33 @@ def train_one_epoch(
             t.ema.update(t.model, step=t.schedule.step_count)
         done += 1
         if on_step is not None:
-            on_step(step + 1, step_loss.item(), t.schedule.get_last_lr())
+            on_step(step + 1, step_loss, t.schedule.get_last_lr())
         if should_stop is not None and should_stop():
-            return EpochStats(_mean_loss(loss_sum, taken, t.dist), start_step + done, images,
+            if pending is not None:
+                _check_finite(t, *pending, bad_steps)
+            return EpochStats(_mean_loss(loss_sum, int(taken), t.dist), start_step + done, images,
                               time.perf_counter() - start, interrupted=True)
-    return EpochStats(_mean_loss(loss_sum, taken, t.dist), steps, images, time.perf_counter() - start)
+    if pending is not None:
+        _check_finite(t, *pending, bad_steps)
+    return EpochStats(_mean_loss(loss_sum, int(taken), t.dist), steps, images, time.perf_counter() - start)
+
+
+def _check_finite(t: Trainer, finite: torch.Tensor, step_loss: torch.Tensor, epoch: int, step: int, steps: int,
+                  bad_steps: int) -> int:
+    """Raise on a non-finite step (without a loss scaler) or on 100 skipped fp16 steps in a row; returns the run of
+    consecutive skipped steps."""
+    if bool(finite):
+        return 0
+    if t.scaler is None:
+        raise NonFiniteLoss(
+            f"non-finite loss/gradients at epoch {epoch + 1}, step {step + 1} of {steps} "
+            f"(loss {step_loss.item():.4g}); the last checkpoint was left as it was. "
+            "Try a lower --lr, clip_grad, or --amp none"
+        )
+    # fp16: the scaler skips this step and lowers its scale, as scalers do
+    if bad_steps + 1 > 100:
+        raise NonFiniteLoss(f"100 steps in a row with non-finite gradients under fp16 (epoch {epoch + 1})")
+    return bad_steps + 1
 
 
 def _gather_skipped(t: Trainer) -> None:
@@ -741,6 +758,7 @@ class _Progress:
         self.epoch, self.epochs, self.total, self.batch = epoch, epochs, total, batch
         self.bar = None
         self.every = max(1, total // 10)
+        self.show_every = max(1, total // 100)  # the bar's loss: 100 readings an epoch
         self.start, self.first = time.perf_counter(), first
         self.enabled = enabled
         if enabled and sys.stderr.isatty():
@@ -749,16 +767,18 @@ class _Progress:
             self.bar = tqdm(total=total, initial=first, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
                             dynamic_ncols=True, leave=False)
 
-    def update(self, step: int, loss: float, lr: float) -> None:
+    def update(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        """`loss` stays a device tensor: reading it waits for the GPU, so only a shown value is read."""
         if not self.enabled:
             return
         rate = (step - self.first) * self.batch / max(1e-9, time.perf_counter() - self.start)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+            if step % self.show_every == 0 or step == self.total:
+                self.bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
         elif step % self.every == 0 or step == self.total:
             log.info("epoch %d/%d step %d/%d: loss %.4f, lr %.3g, %.0f images/s", self.epoch + 1, self.epochs,
-                     step, self.total, loss, lr, rate)
+                     step, self.total, float(loss), lr, rate)
 
     def close(self) -> None:
         if self.bar is not None:
