@@ -5,7 +5,7 @@
 #      utilization against a large matmul of the same dtype measured in the same run;
 #   2. Fashion-MNIST recipes trained side by side on the one GPU until BUDGET seconds after the start (small models
 #      leave a GPU mostly idle, each process being bound by its CPU thread queuing kernels): the full recipe
-#      (configs/fashion_mnist_full.yaml) and two variants of it. A one-epoch probe of all of them together measures
+#      (configs/fashion_mnist_full.yaml) and two variants of it. A two-epoch probe of all of them together measures
 #      seconds per epoch first; each then trains for as many epochs as fit the time left, with its cosine schedule
 #      over those epochs. The epochs each run got are in its recipe.yaml and summary.json.
 #
@@ -66,7 +66,7 @@ for split, n in (("train", 512), ("t10k", 256)):
 EOF
     DATA_DIR="$RUNS/data"
 else
-    BENCH=(--batch-sizes 1,64 --train-batch 64 --rounds 3 --min-time 0.5)
+    BENCH=(--batch-sizes 1,64,256 --train-batch 64 --rounds 3 --min-time 0.5)  # 64 did not fill the H200
 fi
 
 "$PY" - <<'EOF'
@@ -92,11 +92,11 @@ train() {  # name, epochs, seconds allowed, extra arguments...
 }
 
 pids=()
-echo "== probe: one epoch of each recipe, side by side: $(date -u +%T), $(left) s left"
+echo "== probe: two epochs of each recipe, side by side: $(date -u +%T), $(left) s left"
 for r in "${RECIPES[@]}"; do
     name=${r%%|*}
     # shellcheck disable=SC2086  # the recipe's arguments are words
-    train "probe_$name" 1 120 ${r#*|} --warmup-epochs 0 --set cooldown_epochs=0 &
+    train "probe_$name" 2 150 ${r#*|} --warmup-epochs 0 --set cooldown_epochs=0 --eval-every 100 &
     pids+=($!)
 done
 wait "${pids[@]}"  # (a bare `wait` would also wait for the `tee` above, which never ends)
@@ -104,8 +104,9 @@ pids=()
 echo "== train side by side: $(date -u +%T), $(left) s left"
 for r in "${RECIPES[@]}"; do
     name=${r%%|*}
-    # Seconds of the probe's epoch (its first, ~20% slower than the steady state on the H200), then the epochs that
-    # fit 90% of the time left: the rest covers start-up, evaluation every 5 epochs and checkpoints.
+    # Seconds of the probe's second epoch (the first took 1.6-2x longer on the H200: CUDA start-up, allocator, cuDNN
+    # selection), then the epochs that fit 90% of the time left: the rest covers start-up, evaluation every 5
+    # epochs and checkpoints.
     epochs=$("$PY" - "$RUNS/probe_$name/metrics.jsonl" "$(left)" <<'EOF'
 import json, sys
 try:
