@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md and the README in one command, sized for one call of a lent GPU
 # machine (10 minutes at most per command, 15 minutes of device time per session, start-up included):
-#   1. `cvt bench` on the GPU, ours against transformers' port: bf16, then fp32, batch 64, with the model FLOP
+#   1. `cvt bench` on the GPU, ours against transformers' port: bf16, then fp32 (inference at batch 1, 64 and 256,
+#      the training step at 64), with the model FLOP
 #      utilization against a large matmul of the same dtype measured in the same run;
 #   2. Fashion-MNIST recipes trained side by side on the one GPU until BUDGET seconds after the start (small models
 #      leave a GPU mostly idle, each process being bound by its CPU thread queuing kernels): the full recipe
@@ -34,9 +35,9 @@ exec > >(tee "$OUT/gpu.log") 2>&1
 left() { echo $((START + BUDGET - $(date +%s))); }
 
 # name and `cvt train` arguments of each recipe trained side by side. On the H200 machine lent here, a step of these
-# small models costs ~80 ms of CPU time queuing ~2,000 kernels whatever the batch (3 processes side by side at batch
-# 256: ~3,200 images/s each), so the batch is 1024 (and 512), and random erasing, whose timm implementation queues
-# two kernels per erased image, is lighter.
+# small models at batch 256 took ~80 ms with 3 processes side by side (~3,200 images/s each), mostly CPU time queuing
+# kernels, so the batch is 1024 (and 512: ~6,600 and ~4,500 images/s each), and random erasing, whose timm
+# implementation queues two kernels per erased image, is lighter. Figures: benchmarks/GPU_NOTES.md.
 FULL=(--config configs/fashion_mnist_full.yaml)
 BIG=(--batch-size 1024 --lr 2e-3 --warmup-epochs 3 --set cooldown_epochs=2 --set reprob=0.25)
 RECIPES=(
@@ -45,9 +46,9 @@ RECIPES=(
     "nomix_b512|${FULL[*]} ${BIG[*]} --set mixup=0 --set cutmix=0 --batch-size 512 --lr 1.5e-3"
 )
 BENCH_SECONDS=${BENCH_SECONDS:-100}
-MIN_EPOCHS=${MIN_EPOCHS:-15}           # fewer would not be the recipe (5 warm-up and 5 cool-down epochs)
+MIN_EPOCHS=${MIN_EPOCHS:-15}           # fewer would be mostly warm-up and cool-down (3 + 2 epochs)
 EXTRA=()
-if [ "${QUICK:-0}" = 1 ]; then  # a dry run of the script itself: tiny sizes, a 600-image subset of the data
+if [ "${QUICK:-0}" = 1 ]; then  # a dry run of the script itself: tiny sizes, a 512/256-image subset of the data
     BENCH=(--model cvt_small --img-size 32 --batch-sizes 1,2 --train-batch 2 --rounds 1 --min-time 0 --matmul-size 128)
     BUDGET=${QUICK_BUDGET:-240}
     MIN_EPOCHS=1

@@ -246,7 +246,7 @@ def train_one_epoch(
     batches = iter(loader)
     loss_sum = torch.zeros((), device=t.device)
     taken = torch.zeros((), dtype=torch.int, device=t.device)
-    images, done, bad_steps, pending = 0, 0, 0, None
+    images, done, bad_steps, pending, interrupted = 0, 0, 0, None, False
     start = time.perf_counter()
     for step in range(start_step, steps):
         t.optimizer.zero_grad(set_to_none=True)
@@ -302,13 +302,12 @@ def train_one_epoch(
         if on_step is not None:
             on_step(step + 1, step_loss, t.schedule.get_last_lr())
         if should_stop is not None and should_stop():
-            if pending is not None:
-                _check_finite(t, *pending, bad_steps)
-            return EpochStats(_mean_loss(loss_sum, int(taken), t.dist), start_step + done, images,
-                              time.perf_counter() - start, interrupted=True)
+            interrupted = True
+            break
     if pending is not None:
         _check_finite(t, *pending, bad_steps)
-    return EpochStats(_mean_loss(loss_sum, int(taken), t.dist), steps, images, time.perf_counter() - start)
+    return EpochStats(_mean_loss(loss_sum, int(taken), t.dist), start_step + done, images,
+                      time.perf_counter() - start, interrupted=interrupted)
 
 
 def _check_finite(t: Trainer, finite: torch.Tensor, step_loss: torch.Tensor, epoch: int, step: int, steps: int,
