@@ -4,6 +4,8 @@
   activation in place (`Block.forward`); off, inference runs the training-mode code path under no_grad.
 - `recompute_act`: in training the MLP recomputes its activation in backward instead of storing it
   (`_linear_of_recomputed`); off, autograd stores it as usual.
+- `onednn_linear`: on CPU in fp32 the Linear layers run through oneDNN's GEMM (`_OneDNNLinear`, with the MLP's
+  activation and the residual add as GEMM post-ops in inference); off, through PyTorch's addmm (MKL).
 - `quick_gelu_as_silu`: the authors' QuickGELU, x * sigmoid(1.702 x), runs as a SiLU with the 1.702 moved into
   the MLP's matmuls (`Mlp.forward`); off, it runs as the authors wrote it. Measured on the default (QuickGELU)
   model; the two rows above use exact GELU, as the benchmark against the port does.
@@ -45,9 +47,12 @@ def switched_off(path: str):
         patches = [(cvt_model, "_eager_inference", lambda x: False)]
     elif path == "recompute_act":
         patches = [(cvt_model, "_linear_of_recomputed", lambda linear, fn, h: linear(fn(h)))]
+    elif path == "onednn_linear":
+        patches = [(cvt_model, "_onednn_linear_ok", lambda x, weight: False)]
     elif path == "quick_gelu_as_silu":  # no scales to move (s = 1) and the authors' formula as the kernel
         patches = [
             (cvt_model.QuickGELU, "scale", None),
+            (cvt_model.QuickGELU, "onednn_post", None),
             (cvt_model.QuickGELU, "kernel", staticmethod(_authors_quick_gelu)),
             (cvt_model.QuickGELU, "kernel_", staticmethod(_authors_quick_gelu_)),
         ]
@@ -112,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     rows = [("inference", "fused_inference", alternate(inference(m), "fused_inference", args.rounds, args.min_time))]
+    rows.append(("inference", "onednn_linear", alternate(inference(m), "onednn_linear", args.rounds, args.min_time)))
     cpu = torch.device("cpu")
     step = _train_step_fn(cvt.create_model(args.model, act="gelu"), cpu, "fp32", args.batch, args.img_size)
     rows.append(("training step", "recompute_act", alternate(step, "recompute_act", args.rounds, args.min_time)))
+    rows.append(("training step", "onednn_linear", alternate(step, "onednn_linear", args.rounds, args.min_time)))
     del step
     quick = cvt.create_model(args.model, act="quick_gelu").eval()
     rows.append(("inference, QuickGELU", "quick_gelu_as_silu",
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                  alternate(step, "quick_gelu_as_silu", args.rounds, args.min_time)))
     del step
     peaks = {}
-    for setting in ("", "recompute_act"):
+    for setting in ("", "recompute_act", "onednn_linear"):
         cmd = [sys.executable, __file__, "--model", args.model, "--img-size", str(args.img_size), "--batch",
                str(args.batch), "--memory-child", setting]
         peaks[setting or "on"] = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
@@ -137,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     for what, path, r in rows:
         print(f"| {what} | `{path}` | {r['on_s']:.3f} | {r['off_s']:.3f} | {r['speedup']:.2f}x |")
     print()
-    print(f"Training-step peak RSS: {peaks['on'] / 1e9:.2f} GB with `recompute_act`, "
-          f"{peaks['recompute_act'] / 1e9:.2f} GB without it.")
+    print(f"Training-step peak RSS: {peaks['on'] / 1e9:.2f} GB with every fast path, "
+          f"{peaks['recompute_act'] / 1e9:.2f} GB without `recompute_act`, "
+          f"{peaks['onednn_linear'] / 1e9:.2f} GB without `onednn_linear`.")
     print(json.dumps(dict(rows={w: r for w, _, r in rows}, peak_rss=peaks)), file=sys.stderr)
     return 0
 

@@ -146,6 +146,27 @@ def test_fast_paths_switched_off_compute_the_same(monkeypatch):
     assert torch.allclose(*outputs, atol=1e-5)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
+    # Linear layers through oneDNN (GEMM post-ops in inference, a custom autograd Function in training) against
+    # PyTorch's addmm, for both activations
+    if cvt.model._LINEAR_POINTWISE is not None:
+        assert cvt.model._onednn_linear_ok(x, model.head.weight)  # this CPU build takes the path
+    for act in ("gelu", "quick_gelu"):
+        m = cvt.create_model("cvt_tiny", in_chans=3, act=act).eval()
+        start = copy.deepcopy(m.state_dict())
+        outputs, grads = [], []
+        for off in (False, True):
+            m.load_state_dict(start)
+            with ablation.switched_off("onednn_linear") if off else contextlib.nullcontext():
+                assert not cvt.model._onednn_linear_ok(x, m.head.weight) if off else True
+                with torch.inference_mode():
+                    outputs.append(m(x))
+                m.train().zero_grad()
+                F.cross_entropy(m(x), torch.tensor([1, 2])).backward()
+                grads.append([p.grad.clone() for p in m.parameters()])
+                m.eval()
+        assert torch.allclose(*outputs, atol=1e-5), act
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-6), act
     with pytest.raises(ValueError, match="unknown fast path"):
         with ablation.switched_off("warp_drive"):
             pass

@@ -39,6 +39,7 @@ class QuickGELU(nn.Module):
 
     scale = 1.702  # the activation is kernel(scale * x) / scale
     kernel = staticmethod(F.silu)
+    onednn_post = "swish"  # the kernel as a oneDNN GEMM post-op (oneDNN's swish is SiLU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(self.scale * x) / self.scale
@@ -52,6 +53,7 @@ class QuickGELU(nn.Module):
 class GELU(nn.GELU):
     scale = None  # exact GELU is a fused kernel as it is: nothing to fold
     kernel = staticmethod(F.gelu)
+    onednn_post = "gelu"
 
     @staticmethod
     def kernel_(x: torch.Tensor) -> torch.Tensor:
@@ -151,33 +153,110 @@ def _eager_inference(x: torch.Tensor) -> bool:
     )
 
 
+# oneDNN's fp32 GEMM, which PyTorch's own CPU Linear does not use (addmm goes to MKL). On this project's AMD EPYC
+# (Zen 4, AVX-512) it ran CvT-13's Linear shapes at 1.0-1.9x MKL's rate (a (6304, 384) x (384, 384) projection:
+# 93 against 57 GMAC/s; `python benchmarks/gemm.py`, figures in benchmarks/RESULTS.md), and it fuses the MLP's
+# activation and the residual add into the GEMM. Exact fp32 (no reduced-precision math mode): the parity tests hold.
+_LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `x @ weight.T` may run through oneDNN: fp32 on CPU, outside autocast (which would want its own
+    casts) and outside tracers and compilers (which should see ordinary ops: ONNX export, torch.compile)."""
+    return (
+        _LINEAR_POINTWISE is not None
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+    )
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "none") -> torch.Tensor:
+    """`post(x @ weight.T + bias)` in one oneDNN call, post one of "none", "swish" (SiLU), "gelu" (exact)."""
+    return _LINEAR_POINTWISE(x, weight, bias, post, [], "none" if post == "gelu" else "")
+
+
+# Below this many tokens (rows) the input gradient goes through MKL: the transposed weight's copy that oneDNN
+# needs costs more than its faster GEMM gains (CvT-13's stage 3 at batch 1, 197 tokens: 73 against 94 GMAC/s).
+_ONEDNN_GRAD_MIN_TOKENS = 2048
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """`x @ weight.T + bias` with the forward and the input gradient through oneDNN (both are (N, K) x (K, M)
+    products, which it runs faster here for N in the thousands) and the weight gradient through MKL (a (M, N) x
+    (N, K) product, for which PyTorch has no oneDNN entry point). The tensors it saves go through any saved-tensor
+    hooks, as built-in ops' do (the MLP's activation recomputation relies on that)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])  # (N, M)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # (N, M) x (M, K)
+            if flat.shape[0] >= _ONEDNN_GRAD_MIN_TOKENS:
+                grad_x = _onednn_linear(flat, weight.t().contiguous(), None).view(x.shape)
+            else:  # few tokens: the transposed weight's copy costs more than oneDNN gains (benchmarks/gemm.py)
+                grad_x = flat.mm(weight).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = flat.t().mm(x.reshape(-1, x.shape[-1]))  # (M, N) x (N, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat.sum(0)
+        return grad_x, grad_w, grad_b
+
+
 def _scaled_linear(x: torch.Tensor, linear: nn.Linear, alpha: float = 1.0, beta: float = 1.0) -> torch.Tensor:
     """`alpha * x @ W.T + beta * b` for `linear`'s W and b.
 
-    Without autograd the scales ride inside the matmul (free in the GEMM): no scaled copy of the weight, which
-    at small batches is larger than `x`. With autograd, addmm's backward would apply alpha and beta as extra
-    passes over its (N, C_in) and (N, C_out) gradients, the size of the activations; scaling W and b instead
-    costs passes the size of the weight (CvT-13's QuickGELU training step: 329 ms of `mul` per batch of 32)."""
+    Without autograd on MKL the scales ride inside the matmul (free in the GEMM). With autograd, addmm's backward
+    would apply alpha and beta as extra passes over its (N, C_in) and (N, C_out) gradients, the size of the
+    activations; scaling W and b instead costs passes the size of the weight (CvT-13's QuickGELU training step:
+    329 ms of `mul` per batch of 32). oneDNN takes no scales: it gets the scaled W and b."""
     flat = x.reshape(-1, x.shape[-1])  # (..., C_in) -> (N, C_in)
-    if (alpha != 1.0 or beta != 1.0) and torch.is_grad_enabled() and linear.weight.shape[0] < flat.shape[0]:
+    scaled = alpha != 1.0 or beta != 1.0
+    if _onednn_linear_ok(x, linear.weight):
+        weight = linear.weight * alpha if alpha != 1.0 else linear.weight
+        bias = linear.bias * beta if linear.bias is not None and beta != 1.0 else linear.bias
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _OneDNNLinear.apply(x, weight, bias)
+        return _onednn_linear(x, weight, bias)
+    if scaled and torch.is_grad_enabled() and linear.weight.shape[0] < flat.shape[0]:
         weight = linear.weight * alpha if alpha != 1.0 else linear.weight
         if linear.bias is None:
             out = torch.mm(flat, weight.t())
         else:
             out = torch.addmm(linear.bias * beta if beta != 1.0 else linear.bias, flat, weight.t())
-        return out.view(*x.shape[:-1], out.shape[-1])
-    if linear.bias is None:
+    elif linear.bias is None:
         out = torch.mm(flat, linear.weight.t()) * alpha
     else:
         out = torch.addmm(linear.bias, flat, linear.weight.t(), beta=beta, alpha=alpha)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def _linear(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """`linear(x)`, through `_scaled_linear`'s faster paths when `linear` is an as-built nn.Linear."""
+    return _scaled_linear(x, linear) if _as_built(linear, nn.Linear) else linear(x)
+
+
 def _residual_linear(
     residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, inplace: bool, alpha: float = 1.0
 ) -> torch.Tensor:
     """`residual + alpha * x @ W.T + b` as one matmul accumulating into the residual (inference only;
-    `inplace` writes into `residual` itself)."""
+    `inplace` may write into `residual` itself)."""
+    if _onednn_linear_ok(x, linear.weight) and residual.dtype == torch.float32:
+        weight = linear.weight * alpha if alpha != 1.0 else linear.weight
+        return _LINEAR_POINTWISE.binary(x, residual, weight, linear.bias, "add")  # a new tensor
     if inplace:
         out = residual.add_(linear.bias) if linear.bias is not None else residual
     else:
@@ -332,7 +411,7 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
-        return self.proj_drop(self.proj(self.attend(x, h, w, has_cls)))
+        return self.proj_drop(_linear(self.attend(x, h, w, has_cls), self.proj))
 
     def attend(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
         """Attention up to, not including, the output projection: (B, T, C) -> (B, T, C)."""
@@ -352,9 +431,9 @@ class Attention(nn.Module):
             cls = x[:, :1]
             q, k, v = (torch.cat((cls, t), dim=1) for t in (q, k, v))
         nh = self.num_heads
-        q = self.proj_q(q).unflatten(-1, (nh, -1)).transpose(1, 2)  # (B, nh, Tq, hd)
-        k = self.proj_k(k).unflatten(-1, (nh, -1)).transpose(1, 2)  # (B, nh, Tkv, hd)
-        v = self.proj_v(v).unflatten(-1, (nh, -1)).transpose(1, 2)
+        q = _linear(q, self.proj_q).unflatten(-1, (nh, -1)).transpose(1, 2)  # (B, nh, Tq, hd)
+        k = _linear(k, self.proj_k).unflatten(-1, (nh, -1)).transpose(1, 2)  # (B, nh, Tkv, hd)
+        v = _linear(v, self.proj_v).unflatten(-1, (nh, -1)).transpose(1, 2)
         x = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
         )  # (B, nh, Tq, hd)
@@ -384,6 +463,19 @@ class Mlp(nn.Module):
         """s * fc1(x), the input of `act.kernel`: (B, T, dim) -> (B, T, hidden). Only for `plain()` MLPs."""
         s = self.scale()
         return _scaled_linear(x, self.fc1, s, s)
+
+    def hidden_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """kernel(s * fc1(x)) = s * act(fc1(x)), fc2's input in `Block._forward_inference`: on oneDNN one GEMM
+        with the kernel as its post-op, otherwise the kernel in place on fc1's output. Only for `plain()` MLPs,
+        without autograd."""
+        post = self.act.onednn_post
+        if post is not None and _onednn_linear_ok(x, self.fc1.weight):
+            s = self.scale()
+            fc1 = self.fc1
+            if s == 1.0:
+                return _onednn_linear(x, fc1.weight, fc1.bias, post)
+            return _onednn_linear(x, fc1.weight * s, fc1.bias * s if fc1.bias is not None else None, post)
+        return self.act.kernel_(self.fc1_scaled(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.plain():
@@ -424,7 +516,7 @@ class Block(nn.Module):
         made here are written in place; the input `x` is left as it is. Only for an as-built proj and MLP, whose
         weights it reads."""
         y = _residual_linear(x, self.attn.attend(self.norm1(x), h, w, has_cls), self.attn.proj, inplace=False)
-        hidden = self.mlp.act.kernel_(self.mlp.fc1_scaled(self.norm2(y)))
+        hidden = self.mlp.hidden_inference(self.norm2(y))
         return _residual_linear(y, hidden, self.mlp.fc2, inplace=True, alpha=1.0 / self.mlp.scale())
 
 
