@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Training-step peak RSS: {peaks['on'] / 1e9:.2f} GB with every fast path, "
           f"{peaks['recompute_act'] / 1e9:.2f} GB without `recompute_act`, "
           f"{peaks['onednn_linear'] / 1e9:.2f} GB without `onednn_linear`.")
-    print(json.dumps(dict(rows={w: r for w, _, r in rows}, peak_rss=peaks)), file=sys.stderr)
+    print(json.dumps(dict(rows={f"{w}: {p}": r for w, p, r in rows}, peak_rss=peaks)), file=sys.stderr)
     return 0
 
 
