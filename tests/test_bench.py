@@ -167,6 +167,13 @@ def test_fast_paths_switched_off_compute_the_same(monkeypatch):
         assert torch.allclose(*outputs, atol=1e-5), act
         for a, b in zip(*grads):
             assert torch.allclose(a, b, atol=1e-6), act
+    # the oneDNN MLP in pieces of _MLP_ROWS tokens (7: several pieces and a shorter last one) against one piece
+    m = cvt.create_model("cvt_tiny", in_chans=3, act="quick_gelu").eval()
+    with torch.inference_mode():
+        monkeypatch.setattr(cvt.model, "_MLP_ROWS", 1 << 30)
+        whole = m(x)
+        monkeypatch.setattr(cvt.model, "_MLP_ROWS", 7)
+        assert torch.allclose(m(x), whole, atol=1e-6)
     with pytest.raises(ValueError, match="unknown fast path"):
         with ablation.switched_off("warp_drive"):
             pass
