@@ -6,6 +6,8 @@
   (`_linear_of_recomputed`); off, autograd stores it as usual.
 - `onednn_linear`: on CPU in fp32 the Linear layers run through oneDNN's GEMM (`_OneDNNLinear`, with the MLP's
   activation and the residual add as GEMM post-ops in inference); off, through PyTorch's addmm (MKL).
+- `mlp_in_pieces`: with oneDNN, inference runs each MLP `_MLP_ROWS` tokens at a time (`Mlp.add_to_inference`);
+  off, on the whole token tensor at once.
 - `quick_gelu_as_silu`: the authors' QuickGELU, x * sigmoid(1.702 x), runs as a SiLU with the 1.702 moved into
   the MLP's matmuls (`Mlp.forward`); off, it runs as the authors wrote it. Measured on the default (QuickGELU)
   model; the two rows above use exact GELU, as the benchmark against the port does.
@@ -49,6 +51,8 @@ def switched_off(path: str):
         patches = [(cvt_model, "_linear_of_recomputed", lambda linear, fn, h: linear(fn(h)))]
     elif path == "onednn_linear":
         patches = [(cvt_model, "_onednn_linear_ok", lambda x, weight: False)]
+    elif path == "mlp_in_pieces":
+        patches = [(cvt_model, "_MLP_ROWS", 1 << 62)]
     elif path == "quick_gelu_as_silu":  # no scales to move (s = 1) and the authors' formula as the kernel
         patches = [
             (cvt_model.QuickGELU, "scale", None),
@@ -118,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [("inference", "fused_inference", alternate(inference(m), "fused_inference", args.rounds, args.min_time))]
     rows.append(("inference", "onednn_linear", alternate(inference(m), "onednn_linear", args.rounds, args.min_time)))
+    rows.append(("inference", "mlp_in_pieces", alternate(inference(m), "mlp_in_pieces", args.rounds, args.min_time)))
     cpu = torch.device("cpu")
     step = _train_step_fn(cvt.create_model(args.model, act="gelu"), cpu, "fp32", args.batch, args.img_size)
     rows.append(("training step", "recompute_act", alternate(step, "recompute_act", args.rounds, args.min_time)))
