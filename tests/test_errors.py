@@ -254,6 +254,7 @@ VALID = dict(
     cooldown_epochs=st.floats(0, 0.99), batch_size=st.integers(1, 9), accum_steps=st.integers(1, 3),
     label_smoothing=st.floats(0, 0.99), ema_decay=st.floats(0, 0.999), clip_grad=st.one_of(st.none(), st.floats(0.01, 5)),
     mixup=st.sampled_from([0.0, 0.8]), randaugment=st.sampled_from([None, "rand-m9-mstd0.5-inc1", "rand-n1-p0.3"]),
+    compile_mode=st.sampled_from(["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
 )
 ANYTHING = st.one_of(
     st.floats(-2, 2), st.integers(-2, 10),
@@ -294,6 +295,7 @@ def _valid(v: dict) -> bool:
         and (v["clip_grad"] is None or (_is_num(v["clip_grad"]) and v["clip_grad"] > 0))
         and _is_num(v["mixup"]) and v["mixup"] >= 0 and (v["mixup"] == 0 or v["batch_size"] % 2 == 0)
         and v["randaugment"] in (None, "rand-m9-mstd0.5-inc1", "rand-n1-p0.3")
+        and v["compile_mode"] in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     )
 
 

@@ -158,6 +158,21 @@ def test_fashion_mnist_files(tmp_path, fake_fmnist):
         cvt.data.load_fashion_mnist("test", tmp_path / "nowhere")
 
 
+def test_compile_flag_and_mode_reach_torch_compile(tmp_path, fake_fmnist, monkeypatch):
+    """`--compile` with `compile_mode` wraps the trained model in torch.compile with that mode (recorded here, not
+    compiled: a real compile takes minutes on this CPU)."""
+    calls = []
+
+    def fake_compile(module, **kwargs):
+        calls.append(kwargs)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    rc = main(["train", *TINY, "--data-dir", str(fake_fmnist), "--batch-size", "16", "--epochs", "1", "--compile",
+               "--set", "compile_mode=reduce-overhead", "--out", str(tmp_path / "c")])
+    assert rc == 0 and calls == [{"mode": "reduce-overhead"}]
+
+
 def test_finetune_pretrained_new_head_and_size(tmp_path, trained, fake_fmnist):
     """3-class RGB weights at 32 px -> Fashion-MNIST (grey, 10 classes) at 40 px: new head, channels converted."""
     rc = main(["train", "--pretrained", f"{trained}/model.safetensors", "--data-dir", str(fake_fmnist),

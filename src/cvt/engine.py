@@ -612,7 +612,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
         model.set_sync_batchnorm(cfg.sync_bn)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=cfg.compile_mode)
     train_tf = BatchTransform(pre, train=True, shift=cfg.shift if data.native_size else 0,
                               hflip=cfg.hflip if data.native_size else 0.0, reprob=cfg.reprob)
     eval_tf = BatchTransform(pre)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
@@ -73,7 +74,9 @@ class TrainConfig:
     # Under DDP, BatchNorm statistics over the global batch: N processes then train as one process with the same
     # batch. Off: each process normalises its own share, as the authors trained (no extra communication).
     sync_bn: bool = False
-    compile: bool = False  # torch.compile the model (pays a compile at start; worth it on GPUs)
+    compile: bool = False  # torch.compile the model (pays a compile at start; measured: not worth it yet, README)
+    # torch.compile's mode: "reduce-overhead" adds CUDA graphs, for GPU steps bound by queuing kernels
+    compile_mode: str = "default"
     out: str = "runs/train"
 
     def __post_init__(self) -> None:
@@ -130,6 +133,7 @@ class TrainConfig:
         need(self.device is None or isinstance(self.device, str), "device", "cpu, cuda or cuda:N")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
         need(isinstance(self.sync_bn, bool), "sync_bn", "true or false")
+        need(self.compile_mode in COMPILE_MODES, "compile_mode", f"one of {', '.join(COMPILE_MODES)}")
         need(is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "an integer >= 1")
         need(isinstance(self.out, str) and bool(self.out), "out", "a folder path")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
