@@ -530,9 +530,9 @@ class Block(nn.Module):
 
     def _forward_inference(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
         """The same arithmetic in fewer passes over memory: each residual add rides on the matmul of the
-        branch's last Linear (accumulating into the residual), and the activation runs in place. Only tensors
-        made here are written in place; the input `x` is left as it is. Only for an as-built proj and MLP, whose
-        weights it reads."""
+        branch's last Linear (a oneDNN post-op, or MKL's addmm accumulating into the residual), and the activation
+        is fc1's post-op or runs in place. Only tensors made here are written in place; the input `x` is left as
+        it is. Only for an as-built proj and MLP, whose weights it reads."""
         y = _residual_linear(x, self.attn.attend(self.norm1(x), h, w, has_cls), self.attn.proj, inplace=False)
         return self.mlp.add_to_inference(y, self.norm2(y))
 
