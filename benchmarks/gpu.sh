@@ -14,6 +14,8 @@
 # On the machine:  device tool, run(command="bash benchmarks/gpu.sh", carry=[".fmnist"], timeout_s=600)
 # Dry run here:    DEVICE=cpu QUICK=1 PY=.venv/bin/python OUT=/tmp/gpu_dry bash benchmarks/gpu.sh
 # Training only:   BENCH_DTYPES= BUDGET=480 bash benchmarks/gpu.sh   (BUDGET: seconds until the runs must end)
+# One recipe with the whole GPU, other settings:  ONLY=nomix_b1024 TRAIN_ARGS="--compile --set
+#                  compile_mode=reduce-overhead" BENCH_DTYPES= bash benchmarks/gpu.sh   (ONLY: names, space-separated)
 #
 # It uses the machine's own torch, transformers and timm (nothing installed). What comes back ($OUT, 8 files at
 # most): RESULTS.md (benchmarks/RESULTS.md with the GPU sections added: copy it over the repo's), gpu.log,
@@ -45,6 +47,16 @@ RECIPES=(
     "nomix_b1024|${FULL[*]} ${BIG[*]} --set mixup=0 --set cutmix=0"        # the same without Mixup/CutMix
     "nomix_b512|${FULL[*]} ${BIG[*]} --set mixup=0 --set cutmix=0 --batch-size 512 --lr 1.5e-3"
 )
+if [ -n "${ONLY:-}" ]; then  # keep the recipes named in ONLY
+    kept=()
+    for r in "${RECIPES[@]}"; do
+        [[ " $ONLY " == *" ${r%%|*} "* ]] && kept+=("$r")
+    done
+    [ ${#kept[@]} -gt 0 ] || { echo "ONLY=$ONLY names none of: ${RECIPES[*]%%|*}"; exit 1; }
+    RECIPES=("${kept[@]}")
+fi
+read -r -a TRAIN_EXTRA <<< "${TRAIN_ARGS:-}"  # appended to every `cvt train`
+[ "${QUICK:-0}" = 1 ] && TRAIN_EXTRA=(--batch-size 64 "${TRAIN_EXTRA[@]}")  # the subset has 512 images
 BENCH_SECONDS=${BENCH_SECONDS:-100}
 MIN_EPOCHS=${MIN_EPOCHS:-15}           # fewer would be mostly warm-up and cool-down (3 + 2 epochs)
 EXTRA=()
@@ -87,8 +99,8 @@ done
 [ -f "$DATA_DIR/train-images-idx3-ubyte.gz" ] || { echo "no Fashion-MNIST in $DATA_DIR: carry .fmnist (see top)"; exit 1; }
 train() {  # name, epochs, seconds allowed, extra arguments...
     local name=$1 epochs=$2 seconds=$3; shift 3
-    timeout "$seconds" "$PY" -m cvt.cli train "$@" --epochs "$epochs" --data-dir "$DATA_DIR" --device "$DEVICE" \
-        --out "$RUNS/$name" > "$RUNS/$name.log" 2>&1
+    timeout "$seconds" "$PY" -m cvt.cli train "$@" "${TRAIN_EXTRA[@]}" --epochs "$epochs" --data-dir "$DATA_DIR" \
+        --device "$DEVICE" --out "$RUNS/$name" > "$RUNS/$name.log" 2>&1
     echo "$name: exit status $? after $epochs epochs or ${seconds} s (124: stopped at the time limit)"
 }
 
