@@ -10,7 +10,7 @@
   off, on the whole token tensor at once.
 - `quick_gelu_as_silu`: the authors' QuickGELU, x * sigmoid(1.702 x), runs as a SiLU with the 1.702 moved into
   the MLP's matmuls (`Mlp.forward`); off, it runs as the authors wrote it. Measured on the default (QuickGELU)
-  model; the two rows above use exact GELU, as the benchmark against the port does.
+  model; the rows above it use exact GELU, as the benchmark against the port does.
 
 Times are interleaved (on, off, on, off, ...) in one process, medians of per-round ratios; peak memory of a
 training step is measured in a fresh process per setting (peak RSS on CPU). Prints a Markdown table; the figures
