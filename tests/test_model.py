@@ -364,3 +364,29 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 3
     assert "never downloaded" in err[0] and "did you mean cvt_13" in err[1] and "does not exist" in err[2]
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_per_sample_gradients_with_torch_func():
+    """torch.func transforms (here vmap of grad: per-sample gradients, as differential privacy needs) run the model
+    on ordinary ops, outside our custom autograd Functions, and agree with plain autograd."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_tiny", in_chans=1).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    x, y = torch.randn(3, 1, 28, 28), torch.tensor([1, 2, 3])
+
+    F = nn.functional
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, (p, buffers), (xi[None],)), yi[None])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no batching rule" performance warnings from PyTorch's own kernels
+        per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(3):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        for name, p in model.named_parameters():
+            assert torch.allclose(per_sample[name][i], p.grad, atol=1e-5), name

@@ -160,9 +160,17 @@ def _eager_inference(x: torch.Tensor) -> bool:
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
+def _functorch_active() -> bool:
+    """Inside a torch.func transform (grad, vmap, jacrev...), which our autograd Functions do not support: the
+    model then runs on ordinary ops (per-sample gradients with torch.func keep working)."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `x @ weight.T` may run through oneDNN: fp32 on CPU, outside autocast (which would want its own
-    casts) and outside tracers and compilers (which should see ordinary ops: ONNX export, torch.compile)."""
+    casts), outside tracers and compilers (which should see ordinary ops: ONNX export, torch.compile) and outside
+    torch.func transforms."""
     return (
         _LINEAR_POINTWISE is not None
         and x.device.type == "cpu"
@@ -173,6 +181,7 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not torch.jit.is_scripting()
         and not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
+        and not _functorch_active()
     )
 
 
@@ -362,7 +371,7 @@ class ConvProjection(nn.Module):
                 x = sync_batch_norm(x, bn, momentum)
             else:
                 x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, momentum, bn.eps)
-            if torch.is_grad_enabled() and x.device.type == "cpu":
+            if torch.is_grad_enabled() and x.device.type == "cpu" and not _functorch_active():
                 x = _DenseGradient.apply(x)
         return x.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'*W', C)
 
