@@ -390,3 +390,24 @@ def test_per_sample_gradients_with_torch_func():
         F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         for name, p in model.named_parameters():
             assert torch.allclose(per_sample[name][i], p.grad, atol=1e-5), name
+
+
+def test_bias_only_fine_tuning_gets_gradients(monkeypatch):
+    """Training only some biases (BitFit-style): where neither a Linear's input nor its weight needs a gradient,
+    its bias still gets one, the same on the oneDNN path as on PyTorch's own."""
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_tiny", in_chans=1).train()
+    trained = "stages.2.blocks.3.mlp.fc1.bias"  # the last block: nothing before it trains
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == trained)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+    state = copy.deepcopy(model.state_dict())  # train-mode forwards move the BatchNorm statistics
+    grads = []
+    for onednn in (True, False):
+        model.load_state_dict(state)
+        if not onednn:
+            monkeypatch.setattr(cvt.model, "_onednn_linear_ok", lambda x, weight: False)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads.append(dict(model.named_parameters())[trained].grad)
+    assert grads[0] is not None and torch.allclose(grads[0], grads[1], atol=1e-6)

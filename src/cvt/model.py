@@ -140,17 +140,21 @@ def _linear_of_recomputed(linear: Callable[[torch.Tensor], torch.Tensor], fn, h:
         return linear(a)
 
 
-def _eager_inference(x: torch.Tensor) -> bool:
-    """True for plain eager inference, where in-place tricks are safe: no autograd, no autocast (whose casts the
-    fused path would bypass), and no tracer or compiler (which want out-of-place ops)."""
-    return not (
-        torch.is_grad_enabled()
-        or torch.is_autocast_enabled(x.device.type)
-        or torch.jit.is_tracing()
+def _tracing_or_compiling() -> bool:
+    """A tracer, TorchScript, torch.compile or torch.export is recording the model: it should see ordinary,
+    out-of-place ops."""
+    return (
+        torch.jit.is_tracing()
         or torch.jit.is_scripting()
         or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
     )
+
+
+def _eager_inference(x: torch.Tensor) -> bool:
+    """True for plain eager inference, where in-place tricks are safe: no autograd, no autocast (whose casts the
+    fused path would bypass), and no tracer or compiler (which want out-of-place ops)."""
+    return not (torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or _tracing_or_compiling())
 
 
 # oneDNN's fp32 GEMM, which PyTorch's own CPU Linear does not use (addmm goes to MKL). On this project's AMD EPYC
@@ -160,11 +164,13 @@ def _eager_inference(x: torch.Tensor) -> bool:
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
+_PEEK_FUNCTORCH = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+
+
 def _functorch_active() -> bool:
     """Inside a torch.func transform (grad, vmap, jacrev...), which our autograd Functions do not support: the
     model then runs on ordinary ops (per-sample gradients with torch.func keep working)."""
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
+    return _PEEK_FUNCTORCH is not None and _PEEK_FUNCTORCH() is not None
 
 
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -177,12 +183,14 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
+        and not _tracing_or_compiling()
         and not _functorch_active()
     )
+
+
+def _scaled(t: torch.Tensor | None, s: float) -> torch.Tensor | None:
+    """`t * s`, or `t` itself when there is nothing to scale (s = 1, or no tensor: a Linear without bias)."""
+    return t * s if t is not None and s != 1.0 else t
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "none") -> torch.Tensor:
@@ -209,7 +217,6 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return _onednn_linear(x, weight, bias)
 
     @staticmethod
@@ -225,7 +232,7 @@ class _OneDNNLinear(torch.autograd.Function):
                 grad_x = flat.mm(weight).view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_w = flat.t().mm(x.reshape(-1, x.shape[-1]))  # (M, N) x (N, K)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False for a Linear without bias
             grad_b = flat.sum(0)
         return grad_x, grad_w, grad_b
 
@@ -238,19 +245,14 @@ def _scaled_linear(x: torch.Tensor, linear: nn.Linear, alpha: float = 1.0, beta:
     activations; scaling W and b instead costs passes the size of the weight (CvT-13's QuickGELU training step:
     329 ms of `mul` per batch of 32). oneDNN takes no scales: it gets the scaled W and b."""
     flat = x.reshape(-1, x.shape[-1])  # (..., C_in) -> (N, C_in)
-    scaled = alpha != 1.0 or beta != 1.0
-    if _onednn_linear_ok(x, linear.weight):
-        weight = linear.weight * alpha if alpha != 1.0 else linear.weight
-        bias = linear.bias * beta if linear.bias is not None and beta != 1.0 else linear.bias
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _OneDNNLinear.apply(x, weight, bias)
-        return _onednn_linear(x, weight, bias)
-    if scaled and torch.is_grad_enabled() and linear.weight.shape[0] < flat.shape[0]:
-        weight = linear.weight * alpha if alpha != 1.0 else linear.weight
-        if linear.bias is None:
-            out = torch.mm(flat, weight.t())
-        else:
-            out = torch.addmm(linear.bias * beta if beta != 1.0 else linear.bias, flat, weight.t())
+    onednn = _onednn_linear_ok(x, linear.weight)
+    grad = torch.is_grad_enabled()
+    if onednn or (grad and (alpha != 1.0 or beta != 1.0) and linear.weight.shape[0] < flat.shape[0]):
+        weight, bias = _scaled(linear.weight, alpha), _scaled(linear.bias, beta)
+        if onednn:
+            # the Function under autograd whatever requires grad (bias-only fine-tuning: neither x nor W does)
+            return _OneDNNLinear.apply(x, weight, bias) if grad else _onednn_linear(x, weight, bias)
+        out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
     elif linear.bias is None:
         out = torch.mm(flat, linear.weight.t()) * alpha
     else:
@@ -269,8 +271,7 @@ def _residual_linear(
     """`residual + alpha * x @ W.T + b` as one matmul accumulating into the residual (inference only;
     `inplace` may write into `residual` itself)."""
     if _onednn_linear_ok(x, linear.weight) and residual.dtype == torch.float32:
-        weight = linear.weight * alpha if alpha != 1.0 else linear.weight
-        return _LINEAR_POINTWISE.binary(x, residual, weight, linear.bias, "add")  # a new tensor
+        return _LINEAR_POINTWISE.binary(x, residual, _scaled(linear.weight, alpha), linear.bias, "add")  # a new tensor
     if inplace:
         out = residual.add_(linear.bias) if linear.bias is not None else residual
     else:
@@ -493,10 +494,8 @@ class Mlp(nn.Module):
         if post is None or not _onednn_linear_ok(x, fc1.weight) or residual.dtype != torch.float32:
             hidden = self.act.kernel_(self.fc1_scaled(x))
             return _residual_linear(residual, hidden, fc2, inplace=True, alpha=1.0 / s)
-        w1, b1, w2 = fc1.weight, fc1.bias, fc2.weight
-        if s != 1.0:  # kernel(s * fc1(x)) / s = act(fc1(x)): s on fc1's weight and bias, 1 / s on fc2's weight
-            w1, w2 = w1 * s, w2 * (1.0 / s)
-            b1 = b1 * s if b1 is not None else None
+        # kernel(s * fc1(x)) / s = act(fc1(x)): s on fc1's weight and bias, 1 / s on fc2's weight
+        w1, b1, w2 = _scaled(fc1.weight, s), _scaled(fc1.bias, s), _scaled(fc2.weight, 1.0 / s)
         rows = x.reshape(-1, x.shape[-1])  # (N, C)
         out = residual.view(-1, residual.shape[-1])  # (N, C), the caller's tensor
         for i in range(0, rows.shape[0], _MLP_ROWS):
