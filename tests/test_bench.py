@@ -97,6 +97,29 @@ def _ablation():
     return module
 
 
+def _same_with_and_without(ablation, path: str, model, x, reaches) -> None:
+    """`model`'s inference output and training gradients, with the fast path `path` on and switched off, agree;
+    `reaches(off)` checks that the switch reached the model."""
+    import torch
+    import torch.nn.functional as F
+
+    start = copy.deepcopy(model.state_dict())  # a training forward moves the BatchNorm statistics
+    outputs, grads = [], []
+    for off in (False, True):
+        model.load_state_dict(start)
+        with ablation.switched_off(path) if off else contextlib.nullcontext():
+            assert reaches(off), path
+            model.eval()
+            with torch.inference_mode():
+                outputs.append(model(x))
+            model.train().zero_grad()
+            F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+    assert torch.allclose(*outputs, atol=1e-5), path
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6), path
+
+
 def test_fast_paths_switched_off_compute_the_same(monkeypatch):
     """benchmarks/ablation.py switches each fast path off: the model must compute the same thing either way."""
     import torch
@@ -129,44 +152,17 @@ def test_fast_paths_switched_off_compute_the_same(monkeypatch):
         assert torch.allclose(a, b, atol=1e-6)
 
     # QuickGELU as a SiLU with its scales in the matmuls, against the authors' formula, inference and training
-    quick = cvt.create_model("cvt_tiny", in_chans=3, act="quick_gelu").eval()
-    start = copy.deepcopy(quick.state_dict())  # a training forward moves the BatchNorm statistics
-    outputs, grads = [], []
-    for off in (False, True):
-        quick.load_state_dict(start)
-        with ablation.switched_off("quick_gelu_as_silu") if off else contextlib.nullcontext():
-            assert (cvt.model.QuickGELU.scale is None) == off  # the switch reaches the model
-            with torch.inference_mode():
-                outputs.append(quick(x))
-            quick.train().zero_grad()
-            F.cross_entropy(quick(x), torch.tensor([1, 2])).backward()
-            grads.append([p.grad.clone() for p in quick.parameters()])
-            quick.eval()
+    quick = cvt.create_model("cvt_tiny", in_chans=3, act="quick_gelu")
+    _same_with_and_without(ablation, "quick_gelu_as_silu", quick, x,
+                           reaches=lambda off: (cvt.model.QuickGELU.scale is None) == off)
     assert cvt.model.QuickGELU.scale == 1.702  # and is undone
-    assert torch.allclose(*outputs, atol=1e-5)
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-6)
     # Linear layers through oneDNN (GEMM post-ops in inference, a custom autograd Function in training) against
     # PyTorch's addmm, for both activations
     if cvt.model._LINEAR_POINTWISE is not None:
         assert cvt.model._onednn_linear_ok(x, model.head.weight)  # this CPU build takes the path
     for act in ("gelu", "quick_gelu"):
-        m = cvt.create_model("cvt_tiny", in_chans=3, act=act).eval()
-        start = copy.deepcopy(m.state_dict())
-        outputs, grads = [], []
-        for off in (False, True):
-            m.load_state_dict(start)
-            with ablation.switched_off("onednn_linear") if off else contextlib.nullcontext():
-                assert not cvt.model._onednn_linear_ok(x, m.head.weight) if off else True
-                with torch.inference_mode():
-                    outputs.append(m(x))
-                m.train().zero_grad()
-                F.cross_entropy(m(x), torch.tensor([1, 2])).backward()
-                grads.append([p.grad.clone() for p in m.parameters()])
-                m.eval()
-        assert torch.allclose(*outputs, atol=1e-5), act
-        for a, b in zip(*grads):
-            assert torch.allclose(a, b, atol=1e-6), act
+        _same_with_and_without(ablation, "onednn_linear", cvt.create_model("cvt_tiny", in_chans=3, act=act), x,
+                               reaches=lambda off: not (off and cvt.model._onednn_linear_ok(x, model.head.weight)))
     # the oneDNN MLP in pieces of _MLP_ROWS tokens (7: several pieces and a shorter last one) against one piece
     m = cvt.create_model("cvt_tiny", in_chans=3, act="quick_gelu").eval()
     with torch.inference_mode():
