@@ -16,6 +16,8 @@
 # Training only:   BENCH_DTYPES= BUDGET=480 bash benchmarks/gpu.sh   (BUDGET: seconds until the runs must end)
 # One recipe with the whole GPU, other settings:  ONLY=nomix_b1024 TRAIN_ARGS="--compile --set
 #                  compile_mode=reduce-overhead" BENCH_DTYPES= bash benchmarks/gpu.sh   (ONLY: names, space-separated)
+# Bench with CUDA graphs, no training:  BENCH_DTYPES=bf16 BENCH_ARGS="--compile --compile-mode reduce-overhead
+#                  --tasks infer,train,matmul" BENCH_SECONDS=400 ONLY=none bash benchmarks/gpu.sh
 #
 # It uses the machine's own torch, transformers and timm (nothing installed). What comes back ($OUT, 8 files at
 # most): RESULTS.md (benchmarks/RESULTS.md with the GPU sections added: copy it over the repo's), gpu.log,
@@ -47,7 +49,9 @@ RECIPES=(
     "nomix_b1024|${FULL[*]} ${BIG[*]} --set mixup=0 --set cutmix=0"        # the same without Mixup/CutMix
     "nomix_b512|${FULL[*]} ${BIG[*]} --set mixup=0 --set cutmix=0 --batch-size 512 --lr 1.5e-3"
 )
-if [ -n "${ONLY:-}" ]; then  # keep the recipes named in ONLY
+if [ "${ONLY:-}" = none ]; then  # the bench alone
+    RECIPES=()
+elif [ -n "${ONLY:-}" ]; then  # keep the recipes named in ONLY
     kept=()
     for r in "${RECIPES[@]}"; do
         [[ " $ONLY " == *" ${r%%|*} "* ]] && kept+=("$r")
@@ -56,6 +60,7 @@ if [ -n "${ONLY:-}" ]; then  # keep the recipes named in ONLY
     RECIPES=("${kept[@]}")
 fi
 read -r -a TRAIN_EXTRA <<< "${TRAIN_ARGS:-}"  # appended to every `cvt train`
+read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"  # appended to every `cvt bench`
 [ "${QUICK:-0}" = 1 ] && TRAIN_EXTRA=(--batch-size 64 "${TRAIN_EXTRA[@]}")  # the subset has 512 images
 BENCH_SECONDS=${BENCH_SECONDS:-100}
 MIN_EPOCHS=${MIN_EPOCHS:-15}           # fewer would be mostly warm-up and cool-down (3 + 2 epochs)
@@ -92,9 +97,14 @@ EOF
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 for dtype in ${BENCH_DTYPES-bf16 fp32}; do
     echo "== bench $DEVICE $dtype: $(date -u +%T)"
-    timeout "$BENCH_SECONDS" "$PY" -m cvt.cli bench --device "$DEVICE" --dtype "$dtype" "${BENCH[@]}" \
+    timeout "$BENCH_SECONDS" "$PY" -m cvt.cli bench --device "$DEVICE" --dtype "$dtype" "${BENCH[@]}" "${BENCH_EXTRA[@]}" \
         --json "$RUNS/bench_$dtype.json" --markdown "$OUT/RESULTS.md" || echo "bench $dtype failed: rc $?"
 done
+if [ ${#RECIPES[@]} = 0 ]; then
+    (cd "$RUNS" && tar czf "$OUT/runs.tar.gz" .)
+    echo "== done, no training (ONLY=none): $(date -u +%T)"
+    exit 0
+fi
 
 [ -f "$DATA_DIR/train-images-idx3-ubyte.gz" ] || { echo "no Fashion-MNIST in $DATA_DIR: carry .fmnist (see top)"; exit 1; }
 train() {  # name, epochs, seconds allowed, extra arguments...

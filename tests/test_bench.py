@@ -72,6 +72,31 @@ def test_cli_writes_json(tmp_path):
     assert "cvt_small" in (tmp_path / "R.md").read_text()
 
 
+def test_cli_passes_compile_mode_to_torch_compile(tmp_path, monkeypatch):
+    # The wiring only: a real compile takes a minute here, and its speed is the benchmark's to measure.
+    modes = []
+
+    def fake_compile(model, mode=None):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr("cvt.bench.torch.compile", fake_compile)
+    out = tmp_path / "r.json"
+    argv = ["bench", "--model", "cvt_small", "--img-size", "32", "--batch-sizes", "2", "--train-batch", "2",
+            "--rounds", "1", "--tasks", "infer,train", "--min-time", "0", "--threads", "1", "--compile",
+            "--compile-mode", "reduce-overhead", "--json", str(out), "--markdown", str(tmp_path / "R.md")]
+    assert main(argv) == 0
+    assert modes == ["reduce-overhead", "reduce-overhead"]  # the inference model and the training copy
+    data = json.loads(out.read_text())
+    for task, batch in (("infer", "2"), ("train", "2")):
+        row = data[task][batch]
+        assert row["ours_compiled"]["images_per_s"] > 0
+        assert row["compiled_speedup_vs_hf"] > 0 and row["compiled_speedup_vs_eager"] > 0
+    text = (tmp_path / "R.md").read_text()
+    assert "torch.compile mode reduce-overhead" in text and "cvt + torch.compile" in text
+    assert "compile=reduce-overhead" in text  # its own section, beside a default-mode run's
+
+
 def test_cli_rejects_bad_options(capsys):
     assert main(["bench", "--tasks", "infer,fly"]) == 2
     assert "unknown fly" in capsys.readouterr().err

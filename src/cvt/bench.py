@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .recipe import COMPILE_MODES
+
 IMPLS = ("ours", "hf")
 TASKS = ("infer", "train", "memory", "matmul", "onnx")
 DTYPES = ("fp32", "bf16")
@@ -56,6 +58,7 @@ class BenchConfig:
     impls: tuple[str, ...] = IMPLS
     tasks: tuple[str, ...] = ("infer", "train", "memory", "matmul")
     compile: bool = False  # also time torch.compile(ours), with its compile time
+    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" captures CUDA graphs on a GPU
     grad_checkpointing: bool = False  # ours only (the port has none): for the memory figures
     min_time: float = 1.0  # seconds per timed measurement: short calls repeat until they fill it
     matmul_size: int = 2048
@@ -70,6 +73,8 @@ class BenchConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.rounds < 1 or self.train_batch < 1 or any(b < 1 for b in self.infer_batches):
             raise ValueError("rounds and batch sizes must be >= 1")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here")
 
@@ -340,7 +345,7 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
 
     compiled = None
     if cfg.compile and "ours" in models:
-        compiled = torch.compile(ours)
+        compiled = torch.compile(ours, mode=cfg.compile_mode)
 
     # The matmul runs as one more contestant in every alternation, so its rate is measured under the same
     # conditions as the model it is compared with.
@@ -397,7 +402,7 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
             train_models[name] = tm
             calls[name] = _train_step_fn(tm, device, cfg.dtype, cfg.train_batch, cfg.img_size, cfg.seed)
         if compiled is not None:
-            tm = torch.compile(_clone_for_training(ours, device))
+            tm = torch.compile(_clone_for_training(ours, device), mode=cfg.compile_mode)
             calls["ours_compiled"] = _train_step_fn(tm, device, cfg.dtype, cfg.train_batch, cfg.img_size, cfg.seed)
         log(f"training step, batch {cfg.train_batch}: {cfg.rounds} round(s) of {', '.join(calls)}")
         row, t, mm = alternate(calls, cfg.train_batch)
@@ -456,6 +461,8 @@ def _summarise(t: dict[str, dict[str, Any]], batch: int) -> dict[str, Any]:
         row["speedup_vs_hf"] = _median_ratio(t["ours"]["samples"], t["hf"]["samples"])
     if "ours_compiled" in t and "ours" in t:
         row["compiled_speedup_vs_eager"] = _median_ratio(t["ours_compiled"]["samples"], t["ours"]["samples"])
+    if "ours_compiled" in t and "hf" in t:
+        row["compiled_speedup_vs_hf"] = _median_ratio(t["ours_compiled"]["samples"], t["hf"]["samples"])
     return row
 
 
@@ -517,7 +524,8 @@ def to_markdown(r: dict) -> str:
     """The results as a Markdown section: machine, command, then one table per measured quantity."""
     c, m = r["config"], r["machine"]
     lines = [
-        f"### {c['model']}, {c['img_size']}x{c['img_size']}, {c['device']} {c['dtype']}",
+        f"### {c['model']}, {c['img_size']}x{c['img_size']}, {c['device']} {c['dtype']}"
+        + (f", torch.compile mode {c.get('compile_mode', 'default')}" if c.get("compile") else ""),
         "",
         f"- machine: {m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads)"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
@@ -545,6 +553,8 @@ def to_markdown(r: dict) -> str:
                 if "fraction_of_matmul" in e:
                     note.append(f"{e['fraction_of_matmul'] * 100:.0f}% of matmul rate")
                 if name == "ours_compiled":
+                    if "compiled_speedup_vs_hf" in row:
+                        note.append(f"**{row['compiled_speedup_vs_hf']:.2f}x** the port")
                     note.append(f"{row['compiled_speedup_vs_eager']:.2f}x eager, compile {e['compile_s']:.0f} s")
                 rows.append(f"| {label} | {batch} | {_NAMES[name]} | {e['images_per_s']:.2f} | {'; '.join(note)} |")
     if rows:
@@ -624,7 +634,8 @@ def section_key(cfg: dict) -> str:
     if cfg.get("grad_checkpointing"):
         parts.append("gc")
     if cfg.get("compile"):
-        parts.append("compile")
+        mode = cfg.get("compile_mode", "default")
+        parts.append("compile" if mode == "default" else f"compile={mode}")
     tasks = tuple(cfg.get("tasks", ()))
     if set(tasks) != {"infer", "train", "memory", "matmul"} | ({"onnx"} & set(tasks)):
         parts.append("+".join(tasks))  # a partial run gets its own section instead of replacing the full one

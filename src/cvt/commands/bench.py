@@ -12,6 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..recipe import COMPILE_MODES
+
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
@@ -37,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=_names, default=None, help="any of infer,train,memory,matmul,onnx (default: all but onnx)")
     parser.add_argument("--onnx", action="store_true", help="also time ONNX Runtime on the exported model (CPU)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours), with its compile time")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile mode for --compile (reduce-overhead: CUDA graphs on a GPU)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="ours with gradient checkpointing (memory)")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="side of the reference fp32/bf16 matmul (default 2048 on CPU, 8192 on GPU)")
@@ -66,6 +70,7 @@ def config_from_args(args: argparse.Namespace):
         impls=tuple(args.impls),
         tasks=tuple(tasks),
         compile=args.compile,
+        compile_mode=args.compile_mode,
         grad_checkpointing=args.grad_checkpointing,
         min_time=pick(args.min_time, 1.0, 0.3),
         # A GPU needs a large product to reach its rate (a 2048 one is launch- and wave-bound there).
