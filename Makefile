@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job on real data: Fashion-MNIST from Debian's package (installed here when missing and apt-get is
-# there), the demo recipe into runs/demo, then the evaluation on the 10,000 test images.
+# there), the demo recipe into runs/demo (a rerun replaces the last demo: --overwrite), then the evaluation on the
+# 10,000 test images.
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -35,7 +36,7 @@ demo: $(STAMP)
 	    exit 1; \
 	  fi; \
 	fi
-	$(BIN)/cvt train --config configs/fashion_mnist_demo.yaml --out runs/demo
+	$(BIN)/cvt train --config configs/fashion_mnist_demo.yaml --out runs/demo --overwrite
 	$(BIN)/cvt eval --checkpoint runs/demo/model.safetensors --data fashion-mnist
 
 test: $(STAMP)

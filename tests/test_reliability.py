@@ -138,6 +138,31 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, many):
     assert [r["train_loss"] for r in ma] == [r["train_loss"] for r in mb] and len(mb) == 3
 
 
+def test_a_run_folder_is_never_replaced_by_mistake(tmp_path, folder, capsys):
+    run, moved = tmp_path / "run", tmp_path / "moved"
+    assert main(_argv(folder, run)) == 0
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+
+    # The same command again (a forgotten --resume) is refused before anything is written.
+    assert main(_argv(folder, run)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cvt train: error:") and "already holds a run" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
+
+    # A moved run resumes where it now is; the folder its checkpoint names (and its recipe's `out`) is untouched.
+    import shutil
+
+    shutil.copytree(run, moved)
+    assert main(["train", "--resume", str(moved), "--epochs", "2"]) == 0
+    assert json.loads((moved / "summary.json").read_text())["epochs"] == 2
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
+
+    # --overwrite starts over.
+    assert main(_argv(folder, run, "--overwrite", "--seed", "1")) == 0
+    assert (run / "model.safetensors").read_bytes() != files["model.safetensors"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. A write killed half-way
 # ---------------------------------------------------------------------------------------------------------------

@@ -191,18 +191,19 @@ def test_finetune_pretrained_new_head_and_size(tmp_path, trained, fake_fmnist):
 def test_recipe_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: 0.001\nepochz: 3\n")
-    assert main(["train", "--config", str(bad)]) == 2
+    out = ["--out", str(tmp_path / "run")]  # none is written; a mistake must not reach ./runs either
+    assert main(["train", "--config", str(bad), *out]) == 2
     err = capsys.readouterr().err
     assert "epochz" in err and "epochs" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     bad.write_text("lr: -1\n")
-    assert main(["train", "--config", str(bad)]) == 2
+    assert main(["train", "--config", str(bad), *out]) == 2
     assert "lr must be a positive number" in capsys.readouterr().err
-    assert main(["train", "--data", "imagefolder:" + str(tmp_path / "none"), "--epochs", "1"]) == 2
+    assert main(["train", "--data", "imagefolder:" + str(tmp_path / "none"), "--epochs", "1", *out]) == 2
     assert "does not exist" in capsys.readouterr().err
     # flags are checked the same way (model_args values: tests/test_errors.py)
     for flag, value, message in (("--lr", "0", "lr must be a positive number, got 0.0"),
                                  ("--batch-size", "0", "batch_size must be an integer >= 1, got 0")):
-        assert main(["train", flag, value, "--out", str(tmp_path / "run")]) == 2
+        assert main(["train", flag, value, *out]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 

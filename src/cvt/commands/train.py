@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 # flag -> TrainConfig field (the flags every user reaches for; --set KEY=VALUE reaches every other field)
@@ -52,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--set model_args.drop_path_rate=0.1); repeatable")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="continue a run: its checkpoint.pt or run folder (no value: the --out folder)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an --out folder that already holds one (its files are replaced)")
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
@@ -98,6 +101,24 @@ def setup_logging() -> None:
     logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 
 
+RUN_FILES = ("checkpoint.pt", "summary.json", "model.safetensors")  # what makes a folder hold a run
+
+
+def _refuse_to_replace_a_run(out: Path, overwrite: bool) -> None:
+    """A new run into a folder holding one would replace its weights and checkpoint epoch by epoch: refuse unless
+    --overwrite says so (a forgotten --resume must not cost a run)."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(found)}); continue it with --resume, "
+            "start over in it with --overwrite, or pick another --out"
+        )
+    # Starting over: the old run's summary must not sit beside the new run's metrics if the new one stops early.
+    (out / "summary.json").unlink(missing_ok=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..engine import Interrupted, fit, load_state
     from ..recipe import TrainConfig, build_config, load_recipe
@@ -113,9 +134,15 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         out = flags.get("out") or settings.get("out") or recipe.get("out") or TrainConfig.out
         resume = out if args.resume is True else args.resume
-        state, _ = load_state(resume)
+        state, state_path = load_state(resume)
         base = dict(state["config"])
+        if args.resume is not True and "out" not in flags and "out" not in settings:
+            # The run continues where its checkpoint is (a copied or moved run folder), not in the folder it was
+            # first written to, which the checkpoint names and a recipe may name too.
+            flags["out"] = str(Path(state_path).parent)
     cfg = build_config(base, recipe, settings, flags)
+    if not args.resume:
+        _refuse_to_replace_a_run(Path(cfg.out), args.overwrite)
     try:
         summary = fit(cfg, resume=resume, progress=True)
     except Interrupted as e:
