@@ -2,8 +2,8 @@
 
 The HF model is built with random weights and random BatchNorm statistics, saved with `save_pretrained`, and
 loaded through `cvt.create_model(..., pretrained=folder)`. The authors'-format checkpoint is built from the HF
-weights with a key table written here from REFERENCE.md (not with cvt's own mapping), so the test does not
-compare cvt to itself.
+weights with a key table written here from the key names of the authors' microsoft/CvT code (not with cvt's own
+mapping), so the test does not compare cvt to itself.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def test_features_only_maps_equal_hidden_states(hf_cvt13):
         assert (ours_map - hf_map).abs().max().item() <= 1e-4
 
 
-# REFERENCE.md's two key layouts, written out independently of cvt.weights.
+# The authors' and Hugging Face's key layouts (microsoft/CvT's lib/models/cls_cvt.py, transformers'
+# modeling_cvt.py), written out independently of cvt.weights.
 _HF_TO_AUTHORS = [
     (r"^cvt\.encoder\.stages\.(\d+)\.embedding\.convolution_embeddings\.projection\.", r"stage\1.patch_embed.proj."),
     (r"^cvt\.encoder\.stages\.(\d+)\.embedding\.convolution_embeddings\.normalization\.", r"stage\1.patch_embed.norm."),
@@ -138,9 +139,14 @@ def test_authors_checkpoint_with_quick_gelu(hf_cvt13, tmp_path, wrapper):
 
 
 def test_convert_round_trip_back_to_transformers(hf_cvt13, tmp_path):
-    """authors' .pth -> cvt .safetensors -> HF folder, loaded by transformers itself."""
+    """HF folder -> cvt .safetensors -> authors' .pth -> HF folder, loaded by transformers itself."""
     hf, folder = hf_cvt13
     from cvt.cli import main
+
+    # cvt's .safetensors brings its config.json: into the HF folder itself it would replace the port's config.
+    hf_config = (folder / "config.json").read_bytes()
+    assert main(["convert", str(folder), str(folder / "w.safetensors")]) == 2
+    assert (folder / "config.json").read_bytes() == hf_config and not (folder / "w.safetensors").exists()
 
     assert main(["convert", str(folder), str(tmp_path / "w.safetensors")]) == 0
     assert main(["convert", str(tmp_path / "w.safetensors"), str(tmp_path / "authors.pth")]) == 0

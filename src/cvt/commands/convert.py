@@ -1,12 +1,13 @@
 """`cvt convert SRC DST`: weights from any supported format to any other.
 
-The destination format follows DST unless `--to` says: a `.safetensors` file -> cvt's own, a `.pth`/`.pt` file ->
+The destination format follows DST unless `--to` says: a `.safetensors` file -> cvt's own, a `.pth`/`.pt`/`.bin` file ->
 the authors', anything else (a folder) -> Hugging Face's `save_pretrained` layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -16,6 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", choices=("cvt", "hf", "authors"), default=None, help="output format (default: from DST)")
     parser.add_argument("--model", default=None, help="registered model name, when SRC carries no config")
     parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+
+
+def _is_cvt_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == "cvt"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def target_format(dst: Path) -> str:
@@ -36,6 +44,13 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
     if src.resolve() == dst.resolve():
         raise ValueError("SRC and DST are the same path")
+    beside = dst.parent / "config.json"
+    if fmt == "cvt" and beside.is_file() and not args.force and not _is_cvt_config(beside):
+        # cvt's .safetensors writes its config.json beside it: another one there (a Hugging Face folder's) would be lost.
+        raise FileExistsError(
+            f"{beside} belongs to another model (it would be replaced by {dst.name}'s); "
+            "write to another folder or pass --force"
+        )
     model = create_model(args.model, pretrained=src) if args.model else from_pretrained(src)
     class_names = getattr(model, "class_names", None)
     save_weights(model.state_dict(), model.cfg, dst, fmt=fmt, class_names=class_names)
