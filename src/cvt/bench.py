@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .recipe import COMPILE_MODES
+from .weights import _atomic_write
 
 IMPLS = ("ours", "hf")
 TASKS = ("infer", "train", "memory", "matmul", "onnx")
@@ -624,8 +626,7 @@ def write_markdown_section(path: str | os.PathLike, key: str, text: str) -> None
         new = head + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         new = old.rstrip("\n") + "\n\n" + block
-    with open(path, "w") as f:
-        f.write(new)
+    _atomic_write(Path(path), lambda p: p.write_text(new))  # the hand-written notes survive a crash mid-write
 
 
 def section_key(cfg: dict) -> str:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .weights import _atomic_write
+
 FORMATS = ("onnx", "torchscript")
 
 
@@ -43,7 +45,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, 
             opset_version=opset,
             verbose=False,
         )
-    program.save(str(path), external_data=False)
+    _atomic_write(path, lambda p: program.save(str(p), external_data=False))  # --force never leaves half a file
     return path
 
 
@@ -55,7 +57,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, img_size: int 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, (_example(model, img_size),), check_trace=False)
-    traced.save(str(path))
+    _atomic_write(path, lambda p: traced.save(str(p)))
     return path
 
 

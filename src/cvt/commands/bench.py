@@ -87,8 +87,9 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     text = to_markdown(result)
     print(text)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        from ..weights import _atomic_write
+
+        _atomic_write(args.json, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
         print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown is not None:
         write_markdown_section(args.markdown, section_key(result["config"]), text)
