@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import sys
 
 import pytest
 
@@ -97,9 +98,21 @@ def test_cli_passes_compile_mode_to_torch_compile(tmp_path, monkeypatch):
     assert "compile=reduce-overhead" in text  # its own section, beside a default-mode run's
 
 
-def test_cli_rejects_bad_options(capsys):
+def test_cli_rejects_bad_options(capsys, monkeypatch):
     assert main(["bench", "--tasks", "infer,fly"]) == 2
     assert "unknown fly" in capsys.readouterr().err
+    for argv, message in ((["--device", "foo"], "--device must be cpu, cuda or cuda:N, got 'foo'"),
+                          (["--threads", "0"], "threads and the matmul size must be >= 1"),
+                          (["--matmul-size", "-1"], "threads and the matmul size must be >= 1")):
+        assert main(["bench", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # transformers is an extra (cvt[bench]), not a dependency: without it, one line says what to install.
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert main(["bench", "--model", "cvt_small", "--img-size", "32", "--tasks", "infer", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the package transformers" in err and "pip install 'cvt[bench]'" in err
+    assert len(err.strip().splitlines()) == 1
     assert main(["bench", "--model", "cvt_14", "--tasks", "infer"]) == 2
     assert "unknown model 'cvt_14'" in capsys.readouterr().err
 

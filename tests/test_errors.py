@@ -83,6 +83,17 @@ def test_without_debug_a_user_error_is_one_line(capsys):
     one_line_error(capsys, ["train", "--epochs", "0"], "epochs must be an integer >= 1, got 0")
 
 
+def test_devices_that_are_not_there_are_one_line(capsys, monkeypatch, tmp_path):
+    out = ["--out", str(tmp_path / "run")]
+    one_line_error(capsys, ["train", "--device", "tpu", *out], "--device must be cpu, cuda or cuda:N, got 'tpu'")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error(capsys, ["train", "--device", "cuda", *out], "PyTorch sees no CUDA GPU here; use --device cpu")
+    # One GPU, and the user names a second (a torch "invalid device ordinal" traceback before).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    one_line_error(capsys, ["train", "--device", "cuda:1", *out], "--device cuda:1: PyTorch sees 1 CUDA GPU(s) here")
+
+
 @pytest.fixture
 def zoo_raises(monkeypatch):
     """Make `cvt zoo` raise the given exception, as a command deep in the library would."""

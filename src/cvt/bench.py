@@ -77,8 +77,11 @@ class BenchConfig:
             raise ValueError("rounds and batch sizes must be >= 1")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here")
+        if (self.threads is not None and self.threads < 1) or self.matmul_size < 1 or self.min_time < 0:
+            raise ValueError("threads and the matmul size must be >= 1, the minimum time >= 0")
+        from .engine import pick_device
+
+        pick_device(self.device)  # one line for "foo", for "cuda" without a GPU and for "cuda:5" on one GPU
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,10 +30,16 @@ COMMANDS = {
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 # Other OSErrors are environment trouble the user must fix (disk full, read-only file system, quota), not bugs.
 USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+# Packages only some commands use (bench, ONNX export), so not installed with cvt itself: which extra brings them.
+OPTIONAL_PACKAGES = {"transformers": "bench", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx"}
 
 
 def user_message(e: BaseException) -> str | None:
     """The one line to show for an error the user can act on; None for a bug (its traceback is shown)."""
+    missing = (e.name or "").partition(".")[0] if isinstance(e, ImportError) else ""
+    if missing in OPTIONAL_PACKAGES:
+        return (f"this needs the package {missing}, which is not installed: pip install {missing} "
+                f"(or pip install 'cvt[{OPTIONAL_PACKAGES[missing]}]')")
     if isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno in USER_ERRNOS):
         # One line even when a third-party message spans several.
         return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__

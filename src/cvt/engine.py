@@ -103,8 +103,11 @@ def pick_device(pref: str | None, local_rank: int = 0) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+        count = torch.cuda.device_count()
         if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", local_rank % count)
+        elif device.index >= count:
+            raise ValueError(f"--device {pref}: PyTorch sees {count} CUDA GPU(s) here, cuda:0 to cuda:{count - 1}")
     elif device.type != "cpu":
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {pref!r}")
     return device
