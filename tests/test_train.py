@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import cvt
+import cvt.data  # cvt.data.* below; `import cvt` alone does not load it
 from cvt.cli import main
 
 from conftest import CLASSES, TINY, TINY_ARGS
@@ -153,6 +154,9 @@ def test_fashion_mnist_files(tmp_path, fake_fmnist):
     data = gzip.decompress((broken / "t10k-images-idx3-ubyte.gz").read_bytes())
     (broken / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(data[:-100]))
     with pytest.raises(ValueError, match="truncated"):
+        cvt.data.load_fashion_mnist("test", broken)
+    (broken / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(data[:10]))  # cut inside the header
+    with pytest.raises(ValueError, match="truncated inside its header"):
         cvt.data.load_fashion_mnist("test", broken)
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         cvt.data.load_fashion_mnist("test", tmp_path / "nowhere")
