@@ -507,6 +507,15 @@ def test_truncated_checkpoint(capsys, weights, images, command, tmp_path):
     one_line_error(capsys, argv, f"could not read {ckpt}: truncated or not a safetensors file")
 
 
+@pytest.mark.parametrize("size", ["0", "-8"])
+def test_eval_and_predict_reject_a_size_of_no_pixels(capsys, weights, images, size):
+    ckpt = str(weights / "named" / "model.safetensors")
+    message = f"--img-size must be a positive number of pixels, got {size}"
+    one_line_error(capsys, ["eval", "--checkpoint", ckpt, "--data", f"imagefolder:{images}", "--img-size", size], message)
+    one_line_error(capsys, ["predict", "--checkpoint", ckpt, str(images / "val" / "cat" / "0.png"), "--img-size", size],
+                   message)
+
+
 def test_checkpoint_of_another_architecture(capsys, weights, images, tmp_path):
     ckpt = str(weights / "named" / "model.safetensors")
     one_line_error(capsys, ["train", "--model", "cvt_13", "--pretrained", ckpt, "--data", f"imagefolder:{images}",

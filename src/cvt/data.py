@@ -569,6 +569,8 @@ def preprocess_for(checkpoint: str | os.PathLike, in_chans: int, img_size: int |
             raise ValueError(f"{beside} describes {pre.in_chans}-channel input, the model takes {in_chans}")
     else:
         pre = Preprocess.default_for(in_chans, default_size)
-    if img_size:
+    if img_size is not None:
+        if img_size < 1:
+            raise ValueError(f"--img-size must be a positive number of pixels, got {img_size}")
         pre = Preprocess(img_size, pre.in_chans, pre.mean, pre.std, pre.crop_pct, pre.interpolation)
     return pre
