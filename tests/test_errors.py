@@ -194,6 +194,9 @@ def test_bad_drop_path_rate_is_a_value_error(rate):
     ("model_args.drop_path_rate=high", ["drop_path_rate must be a number"]),
     ("model_args.depht=[1, 1, 1]", ["unknown CvT config field(s) depht"]),
     ("randaugment=rand-foo", ["randaugment 'rand-foo': cannot read 'foo'"]),
+    ("compile=maybe", ["compile must be true or false, got 'maybe'"]),  # was: compile on ('maybe' is truthy)
+    ("strict_data=1", ["strict_data must be true or false, got 1"]),
+    ("data_dir=5", ["data_dir must be a path or null, got 5"]),  # was: a TypeError traceback from Path(5)
 ])
 def test_bad_model_settings_through_the_cli(capsys, tmp_path, setting, needles):
     one_line_error(capsys, ["train", "--set", setting, "--out", str(tmp_path / "run")], *needles)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.crop_scale, list):
             self.crop_scale = tuple(self.crop_scale)
+        for name in ("pretrained", "data_dir", "out"):  # a Path from Python code; recipe.yaml stores text
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         self.validate()
 
     # ---------------------------------------------------------------------------------------------------------
@@ -132,7 +136,11 @@ class TrainConfig:
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
         need(self.device is None or isinstance(self.device, str), "device", "cpu, cuda or cuda:N")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
-        need(isinstance(self.sync_bn, bool), "sync_bn", "true or false")
+        for name in ("sync_bn", "compile", "grad_checkpointing", "strict_data"):
+            need(isinstance(getattr(self, name), bool), name, "true or false")
+        for name in ("pretrained", "data_dir"):
+            need(getattr(self, name) is None or (isinstance(getattr(self, name), str) and bool(getattr(self, name))),
+                 name, "a path or null")
         need(self.compile_mode in COMPILE_MODES, "compile_mode", f"one of {', '.join(COMPILE_MODES)}")
         need(is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "an integer >= 1")
         need(isinstance(self.out, str) and bool(self.out), "out", "a folder path")
