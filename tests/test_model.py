@@ -267,6 +267,14 @@ def test_hub_ids_get_a_local_file_hint():
             cvt.create_model("cvt_13", pretrained=spec)
 
 
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for spec in ("runs/demo", "weights/model.safetensors"):  # an existing folder; a weights file's extension
+        with pytest.raises(CheckpointError, match=f"checkpoint {spec} does not exist"):
+            cvt.create_model("cvt_13", pretrained=spec)
+
+
 def test_checkpoint_of_another_architecture(tmp_path):
     other = cvt.create_model("cvt_13", depths=(1, 2, 3), embed_dims=(64, 192, 256), num_heads=(1, 3, 4))
     path = tmp_path / "other.pth"

@@ -306,9 +306,18 @@ def _config_from_json(d: Any, path: Path) -> tuple[CvTConfig, list[str] | None]:
         return CvTConfig.from_dict(d["config"]), d.get("class_names")
 
 
+def _looks_like_a_hub_name(spec: str | os.PathLike) -> bool:
+    """`owner/name` that is not here: a Hub id, unless it reads as a mistyped local path (a weights file's
+    extension, or a folder that exists here, like runs/)."""
+    text = str(spec)
+    if os.path.exists(text) or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        return False
+    return Path(text).suffix not in (".safetensors", ".pth", ".pt", ".bin", ".json") and not os.path.isdir(text.split("/")[0])
+
+
 def read_checkpoint(spec: str | os.PathLike) -> Checkpoint:
     """Read any supported checkpoint from a local file or folder into our key layout."""
-    if spec is True or (not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec))):
+    if spec is True or _looks_like_a_hub_name(spec):
         raise CheckpointError(_hub_hint(spec))
     path = Path(spec)
     if not path.exists():
