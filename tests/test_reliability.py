@@ -240,7 +240,11 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, folder, monke
     run = tmp_path / "run"
     seen = {"run": run}
     _poison_loss_at(monkeypatch, epoch=1, step=2, seen=seen)
+    writers = []
+    real_tensorboard = engine._tensorboard
+    monkeypatch.setattr(engine, "_tensorboard", lambda out: writers.append(real_tensorboard(out)) or writers[-1])
     assert main(_argv(folder, run, "--epochs", "2")) == 2
+    assert len(writers) == 1 and writers[0].all_writers is None  # closed by the failure too (SummaryWriter.close)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cvt train: error: non-finite loss/gradients at epoch 2, step 3 of 4"), err[-1]
     assert "Traceback" not in "".join(err)

@@ -133,6 +133,9 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypa
     ma = [json.loads(x) for x in open(f"{straight}/metrics.jsonl")]
     mb = [json.loads(x) for x in open(f"{resumed}/metrics.jsonl")]
     assert [r["val_top1"] for r in ma] == [r["val_top1"] for r in mb] and len(mb) == 2
+    # The interrupted epoch's line covers the whole epoch (the steps before the stop came with the checkpoint).
+    assert state["partial"]["taken"] == 2 and state["partial"]["images"] > 0
+    assert abs(ma[1]["train_loss"] - mb[1]["train_loss"]) <= 1e-4 and mb[1]["images_per_s"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -218,10 +219,24 @@ class EpochStats:
     images: int  # over all processes
     seconds: float
     interrupted: bool = False
+    taken: int = 0  # optimizer steps whose loss is in `loss` (a non-finite fp16 step is skipped)
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def partial(self) -> dict[str, Any]:
+        """What an interrupted epoch had done, for the checkpoint: the resumed epoch reports the whole epoch."""
+        return {"loss": self.loss, "taken": self.taken, "images": self.images, "seconds": self.seconds}
+
+    def after(self, before: dict[str, Any] | None) -> "EpochStats":
+        """These stats continued from an interrupted part of the same epoch (`partial()` of it)."""
+        if not before:
+            return self
+        taken = int(before["taken"]) + self.taken
+        loss = (float(before["loss"]) * int(before["taken"]) + self.loss * self.taken) / max(1, taken)
+        return dataclasses.replace(self, loss=loss, taken=taken, images=int(before["images"]) + self.images,
+                                   seconds=float(before["seconds"]) + self.seconds)
 
 
 def _note_skipped(t: Trainer, errors: list[str]) -> None:
@@ -310,7 +325,7 @@ def train_one_epoch(
     if pending is not None:
         _check_finite(t, *pending, bad_steps)
     return EpochStats(_mean_loss(loss_sum, int(taken), t.dist), start_step + done, images,
-                      time.perf_counter() - start, interrupted=interrupted)
+                      time.perf_counter() - start, interrupted=interrupted, taken=int(taken))
 
 
 def _check_finite(t: Trainer, finite: torch.Tensor, step_loss: torch.Tensor, epoch: int, step: int, steps: int,
@@ -525,13 +540,15 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, progress: 
     """Train `cfg` into `cfg.out` (continuing from `resume`, a checkpoint or run folder); returns the summary."""
     info, device = setup_distributed(cfg.device)
     try:
-        return _fit(cfg, info, device, resume, progress)
+        with contextlib.ExitStack() as cleanup:  # closed however the run ends (finished, interrupted, failed)
+            return _fit(cfg, info, device, resume, progress, cleanup)
     finally:
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progress: bool) -> dict[str, Any]:
+def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progress: bool,
+         cleanup: contextlib.ExitStack) -> dict[str, Any]:
     wall_start = time.perf_counter()
     out = Path(cfg.out)
     state, state_path = load_state(resume) if resume else (None, None)
@@ -594,6 +611,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
         criterion = SoftTargetCrossEntropy()
 
     start_epoch, start_step, history, train_seconds, wall_before = 0, 0, [], 0.0, 0.0
+    partial: dict[str, Any] | None = None  # what an interrupted epoch had done before the resume
     skipped: dict[str, str] = {}
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -606,6 +624,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
         history, train_seconds = list(state["history"]), float(state["train_seconds"])
         wall_before, skipped = float(state.get("wall_seconds", 0.0)), dict(state.get("skipped", {}))
+        partial = state.get("partial") if start_step > 0 else None
         log.info("resuming %s from epoch %d, step %d/%d", state_path, start_epoch + 1, start_step, steps_per_epoch)
 
     net: nn.Module = model
@@ -629,6 +648,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
         _write_text(out / "preprocess.json", json.dumps(pre.to_dict(), indent=2))
         _write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         writer = _tensorboard(out)
+        if writer is not None:
+            cleanup.callback(writer.close)
         log.info(
             "training %s (%s parameters) on %s: %d classes, %d px, %d epochs x %d steps of %d images, %s%s%s",
             model_name or cfg.pretrained, f"{params:,}", cfg.data, len(classes), pre.img_size, cfg.epochs,
@@ -636,7 +657,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
             f", amp {dtype}".replace("torch.", "") if dtype else "",
         )
 
-    def snapshot(epoch: int, step: int, wall: float) -> dict[str, Any]:
+    def snapshot(epoch: int, step: int, wall: float, partial: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT, "version": 1, "epoch": epoch, "step": step,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
@@ -644,7 +665,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
             "ema": ema.module.state_dict() if ema is not None else None,
             "rng": rng_state(), "config": cfg.to_dict(), "model_config": model.cfg.to_dict(), "classes": classes,
             "preprocess": pre.to_dict(), "history": history, "train_seconds": train_seconds,
-            "wall_seconds": wall, "skipped": dict(t.skipped),
+            "wall_seconds": wall, "skipped": dict(t.skipped), "partial": partial,
         }
 
     eval_model = ema.module if ema is not None else model
@@ -659,11 +680,14 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
             finally:
                 bar.close()
             train_seconds += stats.seconds
+            if epoch == start_epoch:  # the part of this epoch done before an interruption, if any
+                stats = stats.after(partial)
             _gather_skipped(t)  # (evaluate() gathers its own)
             if stats.interrupted:
                 path = out / CHECKPOINT
                 if info.main:
-                    save_state(path, snapshot(epoch, stats.steps, wall_before + time.perf_counter() - wall_start))
+                    save_state(path, snapshot(epoch, stats.steps, wall_before + time.perf_counter() - wall_start,
+                                              stats.partial()))
                 name = signal.Signals(stop.signum).name if stop.signum else "signal"
                 raise Interrupted(
                     f"stopped by {name} at epoch {epoch + 1}, step {stats.steps}/{steps_per_epoch}; "
@@ -707,8 +731,6 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
         plot_curves(history, out / "curves.png")
         plot_confusion(result.confusion, classes, out / "confusion_matrix.png",
                        f"{summary['model']}: top-1 {result.top1:.2f}% on {result.count} images")
-        if writer is not None:
-            writer.close()
     return summary
 
 
