@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import cvt
+from cvt import engine
 from cvt.cli import main
 from cvt.config import CvTConfig
 from cvt.data import open_image, scan_image_folder
@@ -426,6 +427,23 @@ def test_strict_data_makes_the_first_unreadable_file_an_error(tmp_path, messy, c
     line = one_line_error(capsys, argv, "unreadable image", "drop --strict-data", started=True)
     assert any(f"{messy}/train/dog/{name}" in line for name in BROKEN)
     assert not (run / "summary.json").exists()
+
+
+def test_an_unreadable_validation_image_keeps_the_epoch_trained(tmp_path, capsys):
+    root = _folder(tmp_path / "data", splits=(("train", 4), ("val", 1)))
+    bad = root / "val" / "cat" / "0.png"
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a PNG")
+    run = tmp_path / "run"
+    argv = ["train", *TINY, "--data", f"imagefolder:{root}", "--img-size", "32", "--batch-size", "4", "--epochs",
+            "1", "--out", str(run), "--strict-data"]
+    one_line_error(capsys, argv, "unreadable image", str(bad), started=True)
+    state, _ = engine.load_state(run)
+    assert (state["epoch"], state["step"]) == (0, 3) and state["partial"]["taken"] == 3  # all 3 steps were kept
+    bad.write_bytes(good)
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    row = json.loads((run / "metrics.jsonl").read_text())
+    assert row["val_top1"] is not None and row["train_loss"] > 0 and row["images_per_s"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -700,8 +700,16 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
             }
             last = epoch + 1 == cfg.epochs
             if last or (epoch + 1) % cfg.eval_every == 0:
-                result = evaluate(eval_model, data.val, eval_tf, device, len(classes), dtype, info)
-                _note_skipped(t, [e for e in result.skipped if e.partition(": ")[0] not in t.skipped])
+                try:
+                    result = evaluate(eval_model, data.val, eval_tf, device, len(classes), dtype, info)
+                    _note_skipped(t, [e for e in result.skipped if e.partition(": ")[0] not in t.skipped])
+                except Exception:
+                    # An evaluation that fails (an unreadable image under --strict-data, say) keeps the epoch's
+                    # training: --resume after the fix runs none of its steps again, only the evaluation.
+                    if info.main:
+                        save_state(out / CHECKPOINT, snapshot(epoch, stats.steps, wall_before + time.perf_counter()
+                                                              - wall_start, stats.partial()))
+                    raise
                 row.update(val_loss=round(result.loss, 5), val_top1=round(result.top1, 3), val_top5=round(result.top5, 3))
             history.append(row)
             if info.main:
