@@ -41,7 +41,8 @@ def plot_curves(history: Sequence[dict], path: str | Path) -> Path:
 
 
 def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
-    """Rows: true class, columns: predicted; cells are row-normalised percentages (counts printed when small)."""
+    """Rows: true class, columns: predicted; cells are row-normalised percentages (written in the cells, and the
+    classes named, up to 30 classes)."""
     plt = _pyplot()
     m = matrix.double()
     norm = (m / m.sum(1, keepdim=True).clamp(min=1) * 100).numpy()

@@ -370,9 +370,8 @@ def load_into(model: nn.Module, ckpt: Checkpoint) -> None:
         for k in head_keys:  # a model built without a classifier (num_classes=0) takes none
             state.pop(k)
     elif "head.weight" in state and state["head.weight"].shape[0] != own["head.weight"].shape[0]:
-        ckpt_classes = state["head.weight"].shape[0] if "head.weight" in state else "?"
         warnings.warn(
-            f"{ckpt.path} has a {ckpt_classes}-class head; the model has {model.num_classes} classes, "
+            f"{ckpt.path} has a {state['head.weight'].shape[0]}-class head; the model has {model.num_classes} classes, "
             "so its head was re-initialised (train it before use)",
             stacklevel=3,
         )
