@@ -20,6 +20,7 @@ exactly as the uninterrupted run would have. The library logs through `logging.g
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +30,6 @@ import signal
 import sys
 import threading
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
