@@ -27,7 +27,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, 
     """Write `model` (eval mode) as one ONNX file with input `images` `(batch, C, height, width)` and output
     `logits` (or the backbone's maps `map0`, `map1`, ...), batch, height and width all dynamic."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     x = _example(model, img_size)
     Dim, side = torch.export.Dim, model.min_input_size()
@@ -52,7 +51,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, 
 def export_torchscript(model: nn.Module, path: str | os.PathLike, img_size: int = 224) -> Path:
     """Write `model` (eval mode) traced to TorchScript; it runs at any batch size and image size."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
