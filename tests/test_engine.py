@@ -1,4 +1,5 @@
-"""The training engine's pieces on their own: which parameters are decayed, and the learning-rate schedule."""
+"""The training engine's pieces on their own: which parameters are decayed, the learning-rate schedule, and
+evaluation with test-time augmentation."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 import cvt
-from cvt.engine import WarmupCosine, build_optimizer
+from cvt.data import BatchTransform, Preprocess
+from cvt.engine import WarmupCosine, build_optimizer, evaluate, log_probs
 
 
 def test_no_weight_decay_on_norms_biases_and_the_cls_token():
@@ -44,3 +46,27 @@ def test_warmup_then_cosine_then_cooldown():
     again = WarmupCosine(torch.optim.SGD([param], lr=1.0), lr=1e-3, total=100, warmup=10, min_lr=1e-5, cooldown=20)
     again.load_state_dict({"step": 45})
     assert again.get_last_lr() == pytest.approx(lrs[45])
+
+
+def test_hflip_tta_is_the_mean_of_the_two_views_probabilities():
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_tiny", depths=(1, 1, 1), in_chans=1, num_classes=4).eval()
+    raw, y = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8), torch.tensor([0, 1, 2, 3, 0, 1])
+    to_model = BatchTransform(Preprocess(28, 1, (0.5,), (0.25,)))
+    x = to_model(raw)
+    with torch.no_grad():
+        plain, mirrored = model(x).softmax(-1), model(x.flip(-1)).softmax(-1)
+        both = log_probs(model, x, "hflip")
+        assert torch.allclose(log_probs(model, x), plain.log(), atol=1e-6)
+    assert not torch.allclose(plain, mirrored)  # the mirror is a different view, so the test can tell them apart
+    assert torch.allclose(both.exp(), (plain + mirrored) / 2, atol=1e-6)
+    # evaluate() scores the averaged probabilities: top-1, loss and confusion follow from them
+    batches = [(raw[:4], y[:4], []), (raw[4:], y[4:], [])]
+    result = evaluate(model, batches, to_model, torch.device("cpu"), 4, tta="hflip")
+    assert result.top1 == pytest.approx((both.argmax(-1) == y).float().mean().item() * 100)
+    assert result.loss == pytest.approx(-both[torch.arange(6), y].mean().item(), rel=1e-5)
+    assert result.confusion.sum() == 6
+    single = evaluate(model, batches, to_model, torch.device("cpu"), 4)
+    assert single.loss == pytest.approx(torch.nn.functional.cross_entropy(model(x), y).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="tta must be one of none, hflip"):
+        log_probs(model, x, "vflip")

@@ -100,6 +100,28 @@ def test_eval_and_predict(trained, folder, capsys):
     assert len(lines) == 3 and all(line.split(": ")[1].split()[0] in CLASSES for line in lines)
 
 
+def test_eval_and_predict_with_hflip_tta(trained, folder, capsys):
+    """--tta hflip reports the mean over each image and its mirror, in eval_hflip/ beside the single-view eval/."""
+    data = ["--data", f"imagefolder:{folder}", "--json"]
+    assert main(["eval", "--checkpoint", trained, *data]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--checkpoint", trained, *data, "--tta", "hflip"]) == 0
+    tta = json.loads(capsys.readouterr().out)
+    assert single["tta"] == "none" and tta["tta"] == "hflip" and tta["images"] == single["images"] == 9
+    assert json.load(open(f"{trained}/eval/eval.json"))["tta"] == "none"  # not overwritten by the TTA report
+    assert json.load(open(f"{trained}/eval_hflip/eval.json")) == tta
+    assert single["loss"] != tta["loss"]  # the mirror views changed the probabilities
+    image = f"{folder}/val/dog/0.png"
+    model = cvt.from_pretrained(trained).eval()
+    pre = cvt.data.preprocess_for(trained, model.cfg.in_chans, None, 224)
+    x = cvt.data.BatchTransform(pre)(cvt.data.file_transform(pre, train=False)(cvt.data.open_image(image, 3))[None])
+    with torch.no_grad():
+        expected = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1))[0] / 2
+    assert main(["predict", "--checkpoint", trained, image, "--top-k", "3", "--json", "--tta", "hflip"]) == 0
+    got = {p["index"]: p["probability"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]}
+    assert got == pytest.approx({i: round(expected[i].item(), 6) for i in range(3)}, abs=2e-6)
+
+
 def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypatch):
     """SIGTERM mid-epoch writes a checkpoint; --resume then ends with exactly the weights of a run that was
     never stopped (data order, RandAugment, mixup, random erasing, EMA, optimizer, schedule all restored)."""

@@ -380,6 +380,24 @@ class EvalResult:
         return (c.diag() / c.sum(1).clamp(min=1) * 100).tolist()
 
 
+TTA_MODES = ("none", "hflip")
+
+
+def log_probs(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Log class probabilities of a batch of model-ready images, (B, classes) in fp32.
+
+    tta="hflip" averages the probabilities of each image and its mirror image (test-time augmentation): it
+    suits models trained with horizontal flips, costs a second forward pass, and is reported as such, never
+    as the single-view figure."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    logp = model(x).float().log_softmax(-1)
+    if tta == "hflip":
+        mirrored = model(x.flip(-1)).float().log_softmax(-1)
+        logp = torch.logaddexp(logp, mirrored) - math.log(2.0)  # log of the mean of the two probabilities
+    return logp
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -389,9 +407,10 @@ def evaluate(
     num_classes: int,
     dtype: torch.dtype | None = None,
     info: DistInfo | None = None,
+    tta: str = "none",
 ) -> EvalResult:
     """Top-1, top-5 (top-k for fewer classes), mean cross-entropy and the confusion matrix over `loader`
-    (summed over all processes when distributed)."""
+    (summed over all processes when distributed); `tta` as in `log_probs`."""
     was_training = model.training
     model.eval()
     k = num_classes
@@ -404,13 +423,12 @@ def evaluate(
             continue
         x, y = transform(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         with autocast(device, dtype):
-            logits = model(x)
-        logits = logits.float()
-        topk = logits.topk(min(5, k), dim=1).indices
+            logp = log_probs(model, x, tta)
+        topk = logp.topk(min(5, k), dim=1).indices
         sums[0] += (topk == y[:, None]).any(1).sum()
-        sums[1] += F.cross_entropy(logits, y, reduction="sum")
+        sums[1] += F.nll_loss(logp, y, reduction="sum")
         sums[2] += len(y)
-        confusion += torch.bincount(y * k + logits.argmax(1), minlength=k * k)
+        confusion += torch.bincount(y * k + logp.argmax(1), minlength=k * k)
     if info is not None and info.enabled:
         dist.all_reduce(confusion)
         dist.all_reduce(sums)

@@ -2,6 +2,7 @@
 
     cvt eval --checkpoint runs/demo/model.safetensors                    # Fashion-MNIST's 10,000 test images
     cvt eval --checkpoint CvT-13-224x224-IN-1k.pth --data imagefolder:/data/imagenet
+    cvt eval --checkpoint runs/fmnist_cpu80 --tta hflip                # mean over each image and its mirror
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"))
     parser.add_argument("--num-workers", type=int, help="DataLoader workers")
-    parser.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default: beside the checkpoint, in eval/)")
+    parser.add_argument("--tta", default="none", choices=("none", "hflip"),
+                        help="test-time augmentation: hflip averages each image's and its mirror's probabilities "
+                             "(two forward passes; default none, the single-view figure)")
+    parser.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default: beside the checkpoint, in eval/, "
+                             "or eval_hflip/ with --tta hflip)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -51,14 +56,17 @@ def run(args: argparse.Namespace) -> int:
             "evaluate on the data it was trained for"
         )
     classes = names or data.classes
-    result = evaluate(model, data.val, BatchTransform(pre), device, model.num_classes, amp_dtype(args.amp, device))
+    result = evaluate(model, data.val, BatchTransform(pre), device, model.num_classes, amp_dtype(args.amp, device),
+                      tta=args.tta)
     for err in result.skipped:
         print(f"cvt eval: warning: skipped unreadable image {err}", file=sys.stderr)
 
     ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval"
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / (
+        "eval" if args.tta == "none" else f"eval_{args.tta}")  # a TTA report beside the single-view one, not over it
     report = {
         "checkpoint": str(args.checkpoint), "data": args.data, "images": result.count, "img_size": pre.img_size,
+        "tta": args.tta,
         "top1": round(result.top1, 3), "top5": round(result.top5, 3), "loss": round(result.loss, 5),
         "per_class_top1": {c: round(a, 2) for c, a in zip(classes, result.per_class)},
         "confusion": result.confusion.tolist(), "classes": classes, "skipped_files": len(result.skipped),
@@ -70,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.checkpoint} on {args.data}: {result.count} images at {pre.img_size} px")
+    views = " and their mirror images (--tta hflip)" if args.tta == "hflip" else ""
+    print(f"{args.checkpoint} on {args.data}: {result.count} images at {pre.img_size} px{views}")
     print(f"top-1 {result.top1:.2f}%   top-5 {result.top5:.2f}%   loss {result.loss:.4f}")
     width = max(len(c) for c in classes)
     print("\nper-class top-1:")

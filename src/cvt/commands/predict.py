@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, help="input side (default: what the checkpoint was trained at)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--tta", default="none", choices=("none", "hflip"),
+                        help="test-time augmentation: hflip averages the image's and its mirror's probabilities")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import BatchTransform, file_transform, open_image, preprocess_for
-    from ..engine import pick_device
+    from ..engine import log_probs, pick_device
     from ..registry import from_pretrained
 
     if args.top_k < 1 or args.batch_size < 1:
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             return
         x = torch.stack([t for _, t in ready]).to(device)
         with torch.no_grad():
-            probs = model(to_model(x)).float().softmax(-1)
+            probs = log_probs(model, to_model(x), args.tta).exp()
         top = probs.topk(k, dim=-1)
         for (path, _), p, i in zip(ready, top.values.tolist(), top.indices.tolist()):
             results[path] = {"image": path, "predictions": [
