@@ -30,6 +30,10 @@ ARCHITECTURE_FIELDS = (
     "in_chans",
 )
 
+# Fields that change what the weights compute without changing their shapes: a checkpoint that records them is
+# built with them (training-only settings, the drop rates, are the caller's).
+COMPUTE_FIELDS = ("stride_kv", "stride_q", "act", "layer_norm_eps")
+
 _PER_STAGE = ("embed_dims", "num_heads", "depths", "patch_sizes", "patch_strides", "patch_paddings")
 
 

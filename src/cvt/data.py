@@ -16,6 +16,7 @@ import itertools
 import math
 import os
 import random
+import re
 import signal
 import struct
 from dataclasses import asdict, dataclass
@@ -568,9 +569,31 @@ def preprocess_for(checkpoint: str | os.PathLike, in_chans: int, img_size: int |
         if pre.in_chans != in_chans:
             raise ValueError(f"{beside} describes {pre.in_chans}-channel input, the model takes {in_chans}")
     else:
-        pre = Preprocess.default_for(in_chans, default_size)
+        # A file from elsewhere: the side it was trained at where it says (transformers' preprocessor_config.json,
+        # the authors' file names `CvT-13-384x384-IN-1k.pth`), and the authors' evaluation protocol: resize
+        # and centre-crop 87.5% below 384 px, resize to the side without a crop at 384 and above.
+        size = img_size or _native_size(path) or default_size
+        pre = Preprocess.default_for(in_chans, size)
+        pre = Preprocess(size, in_chans, pre.mean, pre.std, 1.0 if size >= 384 else pre.crop_pct, pre.interpolation)
     if img_size is not None:
         if img_size < 1:
             raise ValueError(f"--img-size must be a positive number of pixels, got {img_size}")
         pre = Preprocess(img_size, pre.in_chans, pre.mean, pre.std, pre.crop_pct, pre.interpolation)
     return pre
+
+
+def _native_size(checkpoint: Path) -> int | None:
+    """The image side a foreign checkpoint was trained at, where it says; None where it does not."""
+    import json
+
+    hf = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "preprocessor_config.json"
+    if hf.is_file():
+        try:
+            size = json.loads(hf.read_text()).get("size")
+        except (OSError, ValueError, AttributeError):
+            size = None
+        side = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
+        if isinstance(side, int) and side > 0:
+            return side
+    named = re.search(r"(\d{2,4})x\1", checkpoint.name)
+    return int(named.group(1)) if named else None

@@ -44,12 +44,11 @@ from .config import CvTConfig
 from .data import BatchTransform, Preprocess, _mix, build_data, data_info, parse_data, seed_everything, set_epoch
 from .model import CvT, param_count
 from .recipe import TrainConfig
-from .weights import _atomic_write, save_weights
+from .weights import STATE_FORMAT, _atomic_write, save_weights
 
 log = logging.getLogger("cvt.train")
 
 CHECKPOINT = "checkpoint.pt"
-STATE_FORMAT = "cvt-training-state"
 
 
 class NonFiniteLoss(ValueError):

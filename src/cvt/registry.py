@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .config import ARCHITECTURE_FIELDS, CvTConfig
+from .config import ARCHITECTURE_FIELDS, COMPUTE_FIELDS, CvTConfig
 from .model import CvT
 from .weights import Checkpoint, CheckpointError, load_into, read_checkpoint
 
@@ -81,16 +81,24 @@ def _fit_config(name: str | None, ckpt: Checkpoint | None, num_classes: int | No
     class count unless `num_classes` says otherwise."""
     if name is not None:
         cfg = default_config(name).replace(**overrides)
-        if ckpt is not None and ckpt.config is not None and not cfg.same_architecture(ckpt.config):
-            diff = [f for f in ARCHITECTURE_FIELDS if getattr(cfg, f) != getattr(ckpt.config, f)]
-            raise CheckpointError(
-                f"{ckpt.path} holds another architecture than {name!r} (differs in {', '.join(diff)}); "
-                "build it with cvt.from_pretrained(path) or name the matching model"
-            )
+        if ckpt is not None and ckpt.config is not None:
+            # Settings that change what the weights compute without changing their shapes come from the file
+            # (a GELU model stays GELU under a QuickGELU variant's name), unless the caller set them.
+            cfg = cfg.replace(**{f: getattr(ckpt.config, f) for f in COMPUTE_FIELDS if f not in overrides})
+            # (in_chans may differ: load_into adapts the first convolution to the channel count)
+            diff = [f for f in ARCHITECTURE_FIELDS if f != "in_chans" and getattr(cfg, f) != getattr(ckpt.config, f)]
+            if diff:
+                raise CheckpointError(
+                    f"{ckpt.path} holds another architecture than {name!r} (differs in {', '.join(diff)}); "
+                    "build it with cvt.from_pretrained(path) or name the matching model"
+                )
     elif ckpt is not None:
         cfg = (ckpt.config or infer_config(ckpt)).replace(**overrides)
     else:
         raise ValueError("name a model or give a checkpoint")
+    first_conv = ckpt.state_dict.get("stages.0.patch_embed.proj.weight") if ckpt is not None else None
+    if first_conv is not None and "in_chans" not in overrides:
+        cfg = cfg.replace(in_chans=first_conv.shape[1])  # the file's channel count unless the caller asks another
     if ckpt is not None and "head.weight" in ckpt.state_dict:
         cfg = cfg.replace(num_classes=ckpt.state_dict["head.weight"].shape[0])
     elif ckpt is not None and ckpt.config is not None:
@@ -107,11 +115,13 @@ def infer_config(ckpt: Checkpoint) -> CvTConfig:
     depths = tuple(
         len({k.split(".")[3] for k in sd if k.startswith(f"stages.{i}.blocks.")}) for i in range(len(dims))
     )
-    for variant in _VARIANTS.values():
-        c = variant.config
-        if c.embed_dims == dims and c.depths == depths:
-            num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
-            return c.replace(num_classes=num_classes, in_chans=sd["stages.0.patch_embed.proj.weight"].shape[1])
+    # Widths and depths name a variant; widths alone name its family (CvT-13 and -21 differ only in depth), and the
+    # depths are then the file's: the shapes cannot say more (heads, for one, change none).
+    matches = [v.config for v in _VARIANTS.values() if v.config.embed_dims == dims and v.config.depths == depths]
+    matches = matches or [v.config.replace(depths=depths) for v in _VARIANTS.values() if v.config.embed_dims == dims]
+    if matches:
+        num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+        return matches[0].replace(num_classes=num_classes, in_chans=sd["stages.0.patch_embed.proj.weight"].shape[1])
     raise CheckpointError(
         f"cannot tell which CvT {ckpt.path} holds (embed dims {dims}, depths {depths}); name the model, "
         f"one of {', '.join(list_models())}"
@@ -159,7 +169,7 @@ def _read(pretrained: Any) -> Checkpoint | None:
 def _build(cfg: CvTConfig, ckpt: Checkpoint | None, features_only: bool, out_indices: Sequence[int]) -> CvT:
     model = CvT(cfg)
     if ckpt is not None:
-        load_into(model, ckpt)
+        load_into(model, ckpt, backbone=features_only)
         if ckpt.class_names is not None and len(ckpt.class_names) == cfg.num_classes:
             model.class_names = list(ckpt.class_names)
     if features_only:

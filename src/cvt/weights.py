@@ -29,6 +29,7 @@ from torch import nn
 from .config import CvTConfig
 
 FORMATS = ("cvt", "hf", "authors")
+STATE_FORMAT = "cvt-training-state"  # the "format" entry of a run's checkpoint.pt (written by engine.py)
 
 
 class CheckpointError(ValueError):
@@ -179,6 +180,9 @@ def config_from_hf(hf: dict[str, Any]) -> CvTConfig:
         drop_path_rate=tuple(float(r) for r in hf.get("drop_path_rate", [0.0] * (n - 1) + [0.1])),
         in_chans=hf.get("num_channels", 3),
         num_classes=num_labels,
+        # transformers' CvT ignores hidden_act (it always runs exact GELU); cvt writes it so that a GELU model
+        # survives the round trip. Without it: QuickGELU, what every released checkpoint was trained with.
+        act=hf.get("hidden_act", "quick_gelu"),
     )
 
 
@@ -207,6 +211,7 @@ def config_to_hf(cfg: CvTConfig, class_names: list[str] | None = None) -> dict[s
         "stride_kv": [cfg.stride_kv] * n,
         "padding_q": [cfg.kernel_qkv // 2] * n,
         "stride_q": [cfg.stride_q] * n,
+        "hidden_act": cfg.act,
         "initializer_range": 0.02,
         "layer_norm_eps": 1e-12,
         "id2label": {str(i): name for i, name in enumerate(names)},
@@ -238,14 +243,21 @@ def _hub_hint(spec: Any) -> str:
 
 
 def _torch_load(path: Path) -> Any:
+    import argparse
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # timm's train.py stores its command line as an argparse.Namespace: plain data, allowed by name.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear line
         text = str(e)
         if "weights_only" in text or "Unsupported global" in text or "Unpickler" in type(e).__name__:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f"it names {found.group(1)}" if found else type(e).__name__
             raise CheckpointError(
-                f"refused to load {path}: it is a pickle that would import or run code "
-                f"({text.splitlines()[0] if text else type(e).__name__}); only plain tensors are loaded"
+                f"refused to load {path}: it is a pickle that would import or run code ({what}); only plain "
+                "tensors are loaded. If you trust the file, save its weights alone: torch.save(torch.load(path, "
+                "weights_only=False)['state_dict'], 'weights.pth')"
             ) from None
         raise CheckpointError(f"could not read {path}: truncated or not a PyTorch checkpoint ({type(e).__name__})") from None
 
@@ -261,11 +273,18 @@ def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise CheckpointError(f"could not read {path}: truncated or not a safetensors file ({e})") from None
 
 
+# Where training checkpoints keep the weights, first choice first: the EMA of the weights where there is one (what
+# timm evaluates and what cvt saves as model.safetensors), else the raw weights.
+_WEIGHT_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model", "module")
+
+
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state dict inside a loaded object, and the rest of a training checkpoint's dict."""
     if isinstance(obj, dict):
-        for key in ("state_dict", "model", "module"):
-            if isinstance(obj.get(key), dict):
+        for key in _WEIGHT_KEYS:
+            found = obj.get(key)
+            if isinstance(found, dict) and found and (key in ("state_dict", "model", "module") or all(
+                    isinstance(v, torch.Tensor) for v in found.values())):
                 rest = {k: v for k, v in obj.items() if k != key}
                 return obj[key], rest
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -345,6 +364,10 @@ def read_checkpoint(spec: str | os.PathLike) -> Checkpoint:
                 class_names = json.loads(meta["class_names"]) if "class_names" in meta else class_names
     else:
         state_dict, extra = _unwrap(_torch_load(path), path)
+        if extra.get("format") == STATE_FORMAT and isinstance(extra.get("model_config"), dict):
+            with _reading(path):  # cvt's own checkpoint.pt says what it holds
+                config = CvTConfig.from_dict(extra["model_config"])
+                class_names = extra.get("classes") or None
     try:
         fmt = detect_format(_strip_prefixes(state_dict))
     except CheckpointError as e:
@@ -360,11 +383,50 @@ def _list(keys: list[str], limit: int = 4) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_into(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Strictly copy `ckpt` into `model`. A classifier of another size is re-initialised (with a warning);
-    anything else that does not fit is a `CheckpointError` naming the missing, unexpected and mis-shaped keys."""
+_FIRST_CONV = "stages.0.patch_embed.proj.weight"
+
+
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """The first convolution's kernel (out, C, k, k) for `in_chans` input channels: summed over C for one channel
+    (a grey image seen as C equal channels gives the same output), else the C kernels tiled and scaled by
+    C / in_chans so the output keeps its scale."""
+    have = weight.shape[1]
+    if in_chans == have:
+        return weight
+    if in_chans == 1:
+        return weight.sum(1, keepdim=True)
+    tiled = weight.repeat(1, -(-in_chans // have), 1, 1)[:, :in_chans]
+    return tiled * (have / in_chans)
+
+
+def load_into(model: nn.Module, ckpt: Checkpoint, *, backbone: bool = False) -> None:
+    """Strictly copy `ckpt` into `model`. A classifier of another size, or none in the file, is initialised
+    afresh (with a warning); the first convolution is adapted to the model's input channels (with a warning);
+    anything else that does not fit is a `CheckpointError` naming the missing, unexpected and mis-shaped keys.
+    `backbone`: the model becomes a backbone after loading, so a file without a classifier is no news."""
     state = dict(ckpt.state_dict)
     own = model.state_dict()
+    if _FIRST_CONV in state and _FIRST_CONV in own and state[_FIRST_CONV].shape != own[_FIRST_CONV].shape:
+        have, want = state[_FIRST_CONV].shape, own[_FIRST_CONV].shape
+        if have[:1] + have[2:] == want[:1] + want[2:]:
+            warnings.warn(
+                f"{ckpt.path} takes {have[1]} input channels, the model {want[1]}: its first convolution was "
+                f"adapted ({'summed over channels' if want[1] == 1 else 'kernels tiled and rescaled'})",
+                stacklevel=3,
+            )
+            state[_FIRST_CONV] = adapt_input_channels(state[_FIRST_CONV], want[1]).to(state[_FIRST_CONV].dtype)
+    for k in own:  # BatchNorm's step counter is bookkeeping; files stripped of it load as torch would load them
+        if k.endswith(".num_batches_tracked") and k not in state:
+            state[k] = own[k]
+    classifier = [k for k in own if k.startswith(("head.", "norm."))]
+    if classifier and not any(k in state for k in classifier):  # e.g. transformers' CvtModel: the encoder alone
+        if not backbone:
+            warnings.warn(
+                f"{ckpt.path} holds no classifier (final norm and head): they were initialised afresh (train them "
+                "before use)",
+                stacklevel=3,
+            )
+        state.update({k: own[k] for k in classifier})
     head_keys = [k for k in state if k.startswith("head.")]
     if not any(k.startswith("head.") for k in own):
         for k in head_keys:  # a model built without a classifier (num_classes=0) takes none
