@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install zoo bench clean
+.PHONY: demo test install bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,7 @@ demo: $(STAMP)
 	    echo "Fashion-MNIST is missing from $(FMNIST) and there is no apt-get: put the four .gz files from"; \
 	    echo "https://github.com/zalandoresearch/fashion-mnist (data/fashion) in a folder and run"; \
 	    echo "  $(BIN)/cvt train --config configs/fashion_mnist_demo.yaml --data-dir FOLDER --out runs/demo"; \
+	    echo "  $(BIN)/cvt eval --checkpoint runs/demo/model.safetensors --data-dir FOLDER"; \
 	    exit 1; \
 	  fi; \
 	fi

@@ -178,3 +178,19 @@ def test_foreign_checkpoints_get_the_authors_evaluation_protocol(tmp_path, name,
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 384}}))
     assert (preprocess_for(tmp_path / "hf", 3).img_size, preprocess_for(tmp_path / "hf", 3).crop_pct) == (384, 1.0)
+
+
+def test_convert_warns_when_the_format_cannot_carry_the_model(tmp_path, capsys):
+    from cvt.cli import main
+
+    odd = cvt.create_model("cvt_small", in_chans=1, num_classes=10, act="gelu", patch_strides=(1, 2, 2))
+    cvt.save_weights(odd.state_dict(), odd.cfg, tmp_path / "odd.safetensors")
+    assert main(["convert", str(tmp_path / "odd.safetensors"), str(tmp_path / "odd.pth")]) == 0
+    err = capsys.readouterr().err
+    assert "cannot carry this model's patch_strides, act" in err and "patch_strides=(2, 2, 2)" in err
+    assert main(["convert", str(tmp_path / "odd.safetensors"), str(tmp_path / "odd_hf")]) == 0
+    assert capsys.readouterr().err == ""  # Hugging Face's config.json carries them all
+    plain = _model()
+    cvt.save_weights(plain.state_dict(), plain.cfg, tmp_path / "plain.safetensors")
+    assert main(["convert", str(tmp_path / "plain.safetensors"), str(tmp_path / "plain.pth")]) == 0
+    assert capsys.readouterr().err == ""

@@ -1,7 +1,7 @@
 """`cvt bench`: speed and memory of this CvT against transformers' port, side by side (see `cvt.bench`).
 
-Prints the Markdown table; `--json` and `--markdown` also write it (`benchmarks/bench.py` writes both into
-`benchmarks/`). `--quick` is a smoke run of a minute or two.
+Prints the Markdown table; `--json` and `--markdown` also write it (`benchmarks/bench.py` writes the JSON into
+`benchmarks/results/` and the table into `benchmarks/RESULTS.md`). `--quick` is a smoke run of a minute or two.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -35,8 +36,9 @@ def target_format(dst: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import ARCHITECTURE_FIELDS, COMPUTE_FIELDS
     from ..registry import create_model, from_pretrained
-    from ..weights import save_weights
+    from ..weights import CheckpointError, save_weights
 
     src, dst = Path(args.src), Path(args.dst)
     fmt = args.to or target_format(dst)
@@ -55,4 +57,19 @@ def run(args: argparse.Namespace) -> int:
     class_names = getattr(model, "class_names", None)
     save_weights(model.state_dict(), model.cfg, dst, fmt=fmt, class_names=class_names)
     print(f"wrote {dst} ({fmt} format, {model.cfg.num_classes} classes)")
+    # The authors' format has no config, and Hugging Face's lacks some of ours: say what a reader would get wrong.
+    try:
+        back = from_pretrained(dst).cfg
+    except CheckpointError:  # widths no registered model has
+        print(f"cvt convert: warning: {dst} cannot be read back without naming its model and settings "
+              "(the authors' format has no config); keep a cvt .safetensors", file=sys.stderr)
+        return 0
+    lost = [f for f in (*ARCHITECTURE_FIELDS, *COMPUTE_FIELDS) if getattr(back, f) != getattr(model.cfg, f)]
+    if lost:
+        print(
+            f"cvt convert: warning: the {fmt} format cannot carry this model's {', '.join(lost)}: read back, {dst} "
+            f"builds {', '.join(f'{f}={getattr(back, f)}' for f in lost)}; pass those settings when loading it, or "
+            "keep a cvt .safetensors",
+            file=sys.stderr,
+        )
     return 0
