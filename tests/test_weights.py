@@ -62,6 +62,18 @@ def test_gelu_survives_the_hugging_face_round_trip(tmp_path):
     del cfg["hidden_act"]
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     assert cvt.from_pretrained(tmp_path / "hf").cfg.act == "quick_gelu"
+    # ... which does not say the model's activation: a variant's name then keeps the variant's (cvt_tiny: GELU)
+    tiny = cvt.create_model("cvt_tiny", depths=(1, 1, 1), num_classes=4).eval()
+    cvt.save_weights(tiny.state_dict(), tiny.cfg, tmp_path / "tiny", fmt="hf")
+    cfg = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    del cfg["hidden_act"]
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(cfg))
+    named = cvt.create_model("cvt_tiny", depths=(1, 1, 1), pretrained=tmp_path / "tiny")
+    assert named.cfg.act == "gelu" and torch.equal(_logits(named, x), _logits(tiny, x))
+    # an activation transformers ignores and cvt does not build is ignored too, with a warning
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu_new"}))
+    with pytest.warns(UserWarning, match="hidden_act 'gelu_new'.*ignored"):
+        assert cvt.create_model("cvt_tiny", depths=(1, 1, 1), pretrained=tmp_path / "tiny").cfg.act == "gelu"
 
 
 def test_first_convolution_adapts_to_the_channel_count(tmp_path):
@@ -86,7 +98,10 @@ def test_first_convolution_adapts_to_the_channel_count(tmp_path):
         assert cvt.create_model("cvt_13", **SMALL, pretrained=tmp_path / "six.safetensors").cfg.in_chans == 6
 
 
-def test_timm_training_checkpoint_loads_its_ema(tmp_path):
+@pytest.mark.parametrize("torch_2_4", [False, True])
+def test_timm_training_checkpoint_loads_its_ema(tmp_path, monkeypatch, torch_2_4):
+    if torch_2_4:  # no safe_globals context manager before torch 2.5 (pyproject allows 2.4)
+        monkeypatch.delattr(torch.serialization, "safe_globals")
     raw, ema = _model(num_classes=3), _model(num_classes=3)
     with torch.no_grad():
         for p in ema.parameters():
@@ -117,7 +132,7 @@ def test_cvt_training_checkpoint_says_what_it_holds(tmp_path):
     assert torch.equal(_logits(loaded, x), _logits(ema, x))
 
 
-def test_transformers_encoder_without_its_classifier(tmp_path):
+def test_transformers_encoder_without_its_classifier(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     # (depth i + 1 in stage i: the port indexes each stage's drop-path rates by the stage number)
@@ -136,6 +151,15 @@ def test_transformers_encoder_without_its_classifier(tmp_path):
         classifier = cvt.create_model("cvt_13", depths=(1, 2, 3), act="gelu", pretrained=tmp_path / "encoder",
                                       num_classes=7)
     assert classifier.num_classes == 7 and torch.isfinite(_logits(classifier, x)).all()
+    assert classifier.fresh_classifier
+    # its random head answers nothing: eval and predict refuse it in one line
+    from cvt.cli import main
+
+    for argv in (["predict", "--checkpoint", str(tmp_path / "encoder"), "any.png"],
+                 ["eval", "--checkpoint", str(tmp_path / "encoder"), "--data", "imagefolder:nowhere"]):
+        with pytest.warns(UserWarning, match="holds no classifier"):
+            assert main(argv) == 2
+        assert "holds no trained classifier" in capsys.readouterr().err
 
 
 def test_state_dict_without_batchnorm_counters_loads(tmp_path):
@@ -166,7 +190,8 @@ def test_refused_pickle_names_what_it_imports_and_how_to_go_on(tmp_path):
 
 @pytest.mark.parametrize("name,size,crop", [
     ("CvT-13-384x384-IN-1k.pth", 384, 1.0), ("CvT-w24-384x384-IN-22k.pth", 384, 1.0),
-    ("CvT-13-224x224-IN-1k.pth", 224, 0.875), ("weights.pth", 224, 0.875),
+    ("CvT-13-224x224-IN-1k.pth", 224, 0.875), ("weights.pth", 224, 0.875), ("ckpt_100x1000.pth", 224, 0.875),
+    ("run_2024x2024x.pth", 224, 0.875),
 ])
 def test_foreign_checkpoints_get_the_authors_evaluation_protocol(tmp_path, name, size, crop):
     """At 224: resize, centre-crop 87.5%; at 384: resize to 384, no crop (REFERENCE: training recipe)."""

@@ -595,5 +595,5 @@ def _native_size(checkpoint: Path) -> int | None:
         side = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
         if isinstance(side, int) and side > 0:
             return side
-    named = re.search(r"(\d{2,4})x\1", checkpoint.name)
+    named = re.search(r"(?<![A-Za-z0-9])(\d{2,4})x\1(?![A-Za-z0-9])", checkpoint.name)  # "-384x384-", "_32x32."
     return int(named.group(1)) if named else None

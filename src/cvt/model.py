@@ -603,6 +603,9 @@ class CvT(nn.Module):
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.class_names: list[str] | None = None  # set when weights come with names (cvt, Hugging Face formats)
+        # True when weights were loaded but not the classifier's (the file had none, or another class count): its
+        # head is untrained, so eval and predict refuse such a model.
+        self.fresh_classifier = False
         self.num_features = self.head_hidden_size = cfg.num_features
         stages, in_chans = [], cfg.in_chans
         for i in range(cfg.num_stages):

@@ -84,7 +84,8 @@ def _fit_config(name: str | None, ckpt: Checkpoint | None, num_classes: int | No
         if ckpt is not None and ckpt.config is not None:
             # Settings that change what the weights compute without changing their shapes come from the file
             # (a GELU model stays GELU under a QuickGELU variant's name), unless the caller set them.
-            cfg = cfg.replace(**{f: getattr(ckpt.config, f) for f in COMPUTE_FIELDS if f not in overrides})
+            taken = [f for f in COMPUTE_FIELDS if f not in overrides and f not in ckpt.unrecorded]
+            cfg = cfg.replace(**{f: getattr(ckpt.config, f) for f in taken})
             # (in_chans may differ: load_into adapts the first convolution to the channel count)
             diff = [f for f in ARCHITECTURE_FIELDS if f != "in_chans" and getattr(cfg, f) != getattr(ckpt.config, f)]
             if diff:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CvTConfig
+from .config import ACTIVATIONS, CvTConfig
 
 FORMATS = ("cvt", "hf", "authors")
 STATE_FORMAT = "cvt-training-state"  # the "format" entry of a run's checkpoint.pt (written by engine.py)
@@ -162,7 +162,7 @@ def config_from_hf(hf: dict[str, Any]) -> CvTConfig:
     if set(hf.get("qkv_projection_method", ["dw_bn"])) != {"dw_bn"}:
         raise CheckpointError("only the 'dw_bn' convolutional projection (every released CvT) is supported")
     num_labels = len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 1000)
-    return CvTConfig(
+    cfg = CvTConfig(
         embed_dims=hf["embed_dim"],
         num_heads=hf["num_heads"],
         depths=hf["depth"],
@@ -180,10 +180,21 @@ def config_from_hf(hf: dict[str, Any]) -> CvTConfig:
         drop_path_rate=tuple(float(r) for r in hf.get("drop_path_rate", [0.0] * (n - 1) + [0.1])),
         in_chans=hf.get("num_channels", 3),
         num_classes=num_labels,
-        # transformers' CvT ignores hidden_act (it always runs exact GELU); cvt writes it so that a GELU model
-        # survives the round trip. Without it: QuickGELU, what every released checkpoint was trained with.
-        act=hf.get("hidden_act", "quick_gelu"),
+        act=hf["hidden_act"] if "act" not in hf_unrecorded(hf) else "quick_gelu",
     )
+    if hf.get("hidden_act", "quick_gelu") not in ACTIVATIONS:
+        warnings.warn(f"hidden_act {hf['hidden_act']!r} in a Hugging Face config is not one cvt builds "
+                      f"({', '.join(ACTIVATIONS)}); ignored, as transformers' CvT ignores it", stacklevel=2)
+    return cfg
+
+
+def hf_unrecorded(hf: dict[str, Any]) -> tuple[str, ...]:
+    """Our settings a Hugging Face config.json does not record, which `config_from_hf` fills with defaults.
+
+    transformers' CvT ignores hidden_act (it always runs exact GELU) and layer_norm_eps (its LayerNorms keep
+    torch's 1e-5); cvt writes hidden_act so that a GELU model survives the round trip. Without it, or with a value
+    this library does not build: QuickGELU, what every released checkpoint was trained with."""
+    return ("layer_norm_eps",) + (("act",) if hf.get("hidden_act") not in ACTIVATIONS else ())
 
 
 def config_to_hf(cfg: CvTConfig, class_names: list[str] | None = None) -> dict[str, Any]:
@@ -232,6 +243,7 @@ class Checkpoint:
     config: CvTConfig | None = None
     class_names: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    unrecorded: tuple[str, ...] = ()  # config fields the file does not say, filled with defaults in `config`
 
 
 def _hub_hint(spec: Any) -> str:
@@ -246,8 +258,13 @@ def _torch_load(path: Path) -> Any:
     import argparse
 
     try:
-        # timm's train.py stores its command line as an argparse.Namespace: plain data, allowed by name.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # timm's train.py stores its command line as an argparse.Namespace: plain data, allowed by name (the
+        # context manager from torch 2.5; 2.4 has only the process-wide allow list).
+        allow = getattr(torch.serialization, "safe_globals", None)
+        if allow is None:
+            torch.serialization.add_safe_globals([argparse.Namespace])
+            allow = contextlib.nullcontext
+        with allow([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear line
         text = str(e)
@@ -274,7 +291,7 @@ def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 # Where training checkpoints keep the weights, first choice first: the EMA of the weights where there is one (what
-# timm evaluates and what cvt saves as model.safetensors), else the raw weights.
+# cvt saves as a run's model.safetensors; timm's validate.py evaluates it with --use-ema), else the raw weights.
 _WEIGHT_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model", "module")
 
 
@@ -313,16 +330,17 @@ def _reading(path: Path):
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _config_from_json(d: Any, path: Path) -> tuple[CvTConfig, list[str] | None]:
-    """The config (and class names) in a config.json, Hugging Face's or ours; `path` names it in errors."""
+def _config_from_json(d: Any, path: Path) -> tuple[CvTConfig, list[str] | None, tuple[str, ...]]:
+    """The config, class names and unrecorded fields of a config.json, Hugging Face's or ours; `path` names it in
+    errors."""
     hf = isinstance(d, dict) and d.get("model_type") == "cvt"
     if not hf and not (isinstance(d, dict) and d.get("format") == "cvt" and "config" in d):
         raise CheckpointError(f"{path} is not a CvT config (neither Hugging Face's model_type 'cvt' nor cvt's own)")
     with _reading(path):
         if hf:
             names = [d["id2label"][str(i)] for i in range(len(d["id2label"]))] if "id2label" in d else None
-            return config_from_hf(d), names
-        return CvTConfig.from_dict(d["config"]), d.get("class_names")
+            return config_from_hf(d), names, hf_unrecorded(d)
+        return CvTConfig.from_dict(d["config"]), d.get("class_names"), ()
 
 
 def _looks_like_a_hub_name(spec: str | os.PathLike) -> bool:
@@ -343,24 +361,26 @@ def read_checkpoint(spec: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} does not exist")
     config = class_names = None
     extra: dict[str, Any] = {}
+    unrecorded: tuple[str, ...] = ()
     if path.is_dir():
         cfg_path = path / "config.json"
         weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()), None)
         if weights is None:
             raise CheckpointError(f"{path} is a folder without model.safetensors or pytorch_model.bin")
         if cfg_path.exists():
-            config, class_names = _config_from_json(_read_json(cfg_path), cfg_path)
+            config, class_names, unrecorded = _config_from_json(_read_json(cfg_path), cfg_path)
         path = weights
     elif (path.parent / "config.json").exists() and path.suffix == ".safetensors":
         try:
-            config, class_names = _config_from_json(_read_json(path.parent / "config.json"), path.parent / "config.json")
+            config, class_names, unrecorded = _config_from_json(
+                _read_json(path.parent / "config.json"), path.parent / "config.json")
         except CheckpointError:
             pass  # an unrelated config.json beside the file; the file's own metadata may still say
     if path.suffix == ".safetensors":
         state_dict, meta = _safetensors_load(path)
         if "cvt_config" in meta:
             with _reading(path):
-                config = CvTConfig.from_dict(json.loads(meta["cvt_config"]))
+                config, unrecorded = CvTConfig.from_dict(json.loads(meta["cvt_config"])), ()
                 class_names = json.loads(meta["class_names"]) if "class_names" in meta else class_names
     else:
         state_dict, extra = _unwrap(_torch_load(path), path)
@@ -372,7 +392,7 @@ def read_checkpoint(spec: str | os.PathLike) -> Checkpoint:
         fmt = detect_format(_strip_prefixes(state_dict))
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return Checkpoint(to_ours(state_dict), fmt, str(path), config, class_names, extra)
+    return Checkpoint(to_ours(state_dict), fmt, str(path), config, class_names, extra, unrecorded)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,6 +447,7 @@ def load_into(model: nn.Module, ckpt: Checkpoint, *, backbone: bool = False) -> 
                 stacklevel=3,
             )
         state.update({k: own[k] for k in classifier})
+        model.fresh_classifier = not backbone
     head_keys = [k for k in state if k.startswith("head.")]
     if not any(k.startswith("head.") for k in own):
         for k in head_keys:  # a model built without a classifier (num_classes=0) takes none
@@ -439,6 +460,7 @@ def load_into(model: nn.Module, ckpt: Checkpoint, *, backbone: bool = False) -> 
         )
         for k in head_keys:
             state[k] = own[k]
+        model.fresh_classifier = True
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = [

@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     model = from_pretrained(args.checkpoint).to(device).eval()
     if model.num_classes == 0:
         raise ValueError(f"{args.checkpoint} has no classifier head: nothing to evaluate")
+    if model.fresh_classifier:
+        raise ValueError(f"{args.checkpoint} holds no trained classifier (only the encoder): fine-tune it first, "
+                         "e.g. cvt train --pretrained")
     _, native = data_info(args.data)
     pre = preprocess_for(args.checkpoint, model.cfg.in_chans, args.img_size, native or 224)
     names = model.class_names

@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     model = from_pretrained(args.checkpoint).to(device).eval()
     if model.num_classes == 0:
         raise ValueError(f"{args.checkpoint} has no classifier head: nothing to predict")
+    if model.fresh_classifier:
+        raise ValueError(f"{args.checkpoint} holds no trained classifier (only the encoder): fine-tune it first, "
+                         "e.g. cvt train --pretrained")
     names = model.class_names if model.class_names and len(model.class_names) == model.num_classes else None
     names = names or [str(i) for i in range(model.num_classes)]
     pre = preprocess_for(args.checkpoint, model.cfg.in_chans, args.img_size, 224)
