@@ -48,6 +48,21 @@ def test_warmup_then_cosine_then_cooldown():
     assert again.get_last_lr() == pytest.approx(lrs[45])
 
 
+def test_gpu_process_group_has_a_cpu_backend_beside_nccl(monkeypatch):
+    """The stop flag and gathered objects are CPU tensors, which NCCL alone cannot reduce."""
+    from cvt import engine
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(engine, "pick_device", lambda pref, local_rank=0: torch.device("cuda", local_rank))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(engine.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(engine.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    info, device = engine.setup_distributed("cuda")
+    assert seen == {"backend": "cpu:gloo,cuda:nccl", "rank": 1, "world_size": 2} and info.enabled
+
+
 def test_hflip_tta_is_the_mean_of_the_two_views_probabilities():
     torch.manual_seed(0)
     model = cvt.create_model("cvt_tiny", depths=(1, 1, 1), in_chans=1, num_classes=4).eval()

@@ -160,6 +160,21 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypa
     assert abs(ma[1]["train_loss"] - mb[1]["train_loss"]) <= 1e-4 and mb[1]["images_per_s"] > 0
 
 
+def test_resume_refuses_renamed_class_folders(tmp_path, folder, capsys):
+    """Labels are positions in the sorted class list: a class folder renamed between the run and its resume
+    would silently relabel images, so the resume stops with one line instead."""
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    rc, run = _train(tmp_path, data, "--epochs", "1")
+    assert rc == 0
+    for split in ("train", "val"):
+        os.rename(data / split / "cat", data / split / "zebra")  # bird, cat, dog -> bird, dog, zebra
+    capsys.readouterr()
+    assert main(["train", "--out", run, "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "has classes ['bird', 'dog', 'zebra']" in err and "expected ['bird', 'cat', 'dog']" in err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def test_fashion_mnist_files(tmp_path, fake_fmnist):
     images, labels = cvt.data.load_fashion_mnist("train", fake_fmnist)
@@ -276,7 +291,7 @@ def _ddp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None
     torch.save({"params": dict(seen["model"].named_parameters()), "summary": summary}, f"{out}/rank{rank}.pt")
 
 
-def test_ddp_two_cpu_processes_agree(tmp_path, folder):
+def test_ddp_two_cpu_processes_agree(tmp_path, folder, capsys):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "ddp")
@@ -292,3 +307,7 @@ def test_ddp_two_cpu_processes_agree(tmp_path, folder):
     assert all(torch.equal(saved[k], v) for k, v in r0["params"].items())
     # the two ranks evaluated disjoint halves: 9 val images counted once each
     assert r0["summary"]["val_images"] == 9
+    # ... each with the BatchNorm statistics of the saved model (rank 0's), not its own last update
+    assert main(["eval", "--checkpoint", f"{out}/model.safetensors", "--data", f"imagefolder:{folder}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["loss"] == pytest.approx(r0["summary"]["final_loss"], abs=2e-5)

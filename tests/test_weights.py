@@ -205,6 +205,24 @@ def test_foreign_checkpoints_get_the_authors_evaluation_protocol(tmp_path, name,
     assert (preprocess_for(tmp_path / "hf", 3).img_size, preprocess_for(tmp_path / "hf", 3).crop_pct) == (384, 1.0)
 
 
+def test_no_crop_at_384_keeps_the_whole_image():
+    """"No crop" is the whole image resized to 384 x 384: a wide image keeps its left and right edges."""
+    import numpy as np
+    from PIL import Image
+
+    from cvt.data import file_transform
+
+    arr = np.full((300, 400, 3), 128, np.uint8)
+    arr[:, :50], arr[:, -50:] = 0, 255
+    pre = preprocess_for("CvT-13-384x384-IN-1k.pth", 3)
+    out = file_transform(pre, train=False)(Image.fromarray(arr))
+    assert out.shape == (3, 384, 384) and pre.crop_mode == "squash"
+    assert out[:, :, 0].float().mean() < 10 and out[:, :, -1].float().mean() > 245
+    # the 224 protocol crops: the edges are gone
+    out = file_transform(preprocess_for("CvT-13-224x224-IN-1k.pth", 3), train=False)(Image.fromarray(arr))
+    assert out.shape == (3, 224, 224) and 100 < out[:, :, 0].float().mean() < 160
+
+
 def test_convert_warns_when_the_format_cannot_carry_the_model(tmp_path, capsys):
     from cvt.cli import main
 

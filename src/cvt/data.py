@@ -52,15 +52,20 @@ class Preprocess:
     std: tuple[float, ...]
     crop_pct: float = 0.875  # evaluation: resize the short side to img_size / crop_pct, centre-crop img_size
     interpolation: str = "bicubic"
+    # "center": the above; "squash": resize the whole image to img_size x img_size (the authors' 384 px protocol)
+    crop_mode: str = "center"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        if d.get("crop_mode", "center") not in ("center", "squash"):
+            raise ValueError(f"crop_mode must be center or squash, got {d['crop_mode']!r}")
         return cls(
             img_size=int(d["img_size"]), in_chans=int(d["in_chans"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
             crop_pct=float(d.get("crop_pct", 0.875)), interpolation=str(d.get("interpolation", "bicubic")),
+            crop_mode=str(d.get("crop_mode", "center")),
         )
 
     @classmethod
@@ -288,6 +293,8 @@ def file_transform(pre: Preprocess, train: bool, randaugment: str | None = None,
 
     interp = getattr(v2.InterpolationMode, pre.interpolation.upper())
     size = pre.img_size
+    if not train and pre.crop_mode == "squash":
+        return v2.Compose([v2.Resize((size, size), interpolation=interp), v2.PILToTensor()])
     if not train:
         resize = size if pre.crop_pct >= 1 else int(math.floor(size / pre.crop_pct))
         return v2.Compose([v2.Resize(resize, interpolation=interp), v2.CenterCrop(size), v2.PILToTensor()])
@@ -571,14 +578,15 @@ def preprocess_for(checkpoint: str | os.PathLike, in_chans: int, img_size: int |
     else:
         # A file from elsewhere: the side it was trained at where it says (transformers' preprocessor_config.json,
         # the authors' file names `CvT-13-384x384-IN-1k.pth`), and the authors' evaluation protocol: resize
-        # and centre-crop 87.5% below 384 px, resize to the side without a crop at 384 and above.
+        # and centre-crop 87.5% below 384 px, resize the whole image to size x size (no crop) at 384 and above.
         size = img_size or _native_size(path) or default_size
         pre = Preprocess.default_for(in_chans, size)
-        pre = Preprocess(size, in_chans, pre.mean, pre.std, 1.0 if size >= 384 else pre.crop_pct, pre.interpolation)
+        if size >= 384:
+            pre = Preprocess(size, in_chans, pre.mean, pre.std, 1.0, pre.interpolation, "squash")
     if img_size is not None:
         if img_size < 1:
             raise ValueError(f"--img-size must be a positive number of pixels, got {img_size}")
-        pre = Preprocess(img_size, pre.in_chans, pre.mean, pre.std, pre.crop_pct, pre.interpolation)
+        pre = Preprocess(img_size, pre.in_chans, pre.mean, pre.std, pre.crop_pct, pre.interpolation, pre.crop_mode)
     return pre
 
 

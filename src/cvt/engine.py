@@ -89,7 +89,10 @@ def setup_distributed(device_pref: str | None) -> tuple[DistInfo, torch.device]:
     if info.enabled and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=info.rank, world_size=world)
+        # On GPUs, NCCL for the tensors and gloo beside it for the few CPU ones (the stop flag, gathered
+        # objects): NCCL alone has no backend for a CPU tensor.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=info.rank, world_size=world)
     return info, device
 
 
@@ -356,6 +359,15 @@ def _gather_skipped(t: Trainer) -> None:
             t.skipped.setdefault(path, reason)
 
 
+def _share_rank0_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Rank 0's BatchNorm statistics to every process before an evaluation: DDP syncs buffers at the start of each
+    forward, so after the epoch's last one each rank holds its own update (and so does each rank's EMA); the
+    shards are then all scored with the statistics of the model rank 0 saves."""
+    if info.enabled:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def _mean_loss(loss_sum: torch.Tensor, steps: int, info: DistInfo) -> float:
     if info.enabled:
         loss_sum = loss_sum.clone()
@@ -590,6 +602,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
         cfg.data, pre, data_dir=cfg.data_dir, batch_size=micro, eval_batch_size=max(256, micro),
         num_workers=cfg.num_workers, device=device, rank=info.rank, world=info.world, seed=cfg.seed,
         randaugment=cfg.randaugment, color_jitter=cfg.color_jitter, crop_scale=cfg.crop_scale, hflip=cfg.hflip,
+        # a resumed run keeps its labels: renamed or added class folders are an error, not a silent relabelling
+        classes=state["classes"] if state is not None else None,
     )
     classes = data.classes
     if model.num_classes != len(classes):
@@ -616,7 +630,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
     if cfg.ema_decay > 0:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
     mixup, criterion = None, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if cfg.mixup > 0 or cfg.cutmix > 0:
         from timm.data import Mixup
@@ -718,6 +732,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
             last = epoch + 1 == cfg.epochs
             if last or (epoch + 1) % cfg.eval_every == 0:
                 try:
+                    _share_rank0_buffers(eval_model, info)
                     result = evaluate(eval_model, data.val, eval_tf, device, len(classes), dtype, info)
                     _note_skipped(t, [e for e in result.skipped if e.partition(": ")[0] not in t.skipped])
                 except Exception:

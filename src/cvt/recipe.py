@@ -53,6 +53,7 @@ class TrainConfig:
     clip_grad: float | None = None  # max global gradient norm
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # 0: no EMA; else the EMA weights are evaluated and saved
+    ema_warmup: bool = False  # decay min(ema_decay, 1 - step^-2/3) (timm's warm-up): early averages forget faster
 
     # ---- augmentation ---------------------------------------------------------------------------------------
     mixup: float = 0.0  # Beta(alpha, alpha) of Mixup; 0 off
@@ -136,7 +137,7 @@ class TrainConfig:
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
         need(self.device is None or isinstance(self.device, str), "device", "cpu, cuda or cuda:N")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
-        for name in ("sync_bn", "compile", "grad_checkpointing", "strict_data"):
+        for name in ("sync_bn", "compile", "grad_checkpointing", "strict_data", "ema_warmup"):
             need(isinstance(getattr(self, name), bool), name, "true or false")
         for name in ("pretrained", "data_dir"):
             need(getattr(self, name) is None or (isinstance(getattr(self, name), str) and bool(getattr(self, name))),
