@@ -146,6 +146,7 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypa
     assert (state["epoch"], state["step"]) == (1, 2)
     monkeypatch.setattr(engine._Progress, "update", real_update)
     assert main(["train", "--out", resumed, "--resume"]) == 0
+    assert torch.load(f"{resumed}/checkpoint.pt", weights_only=True)["config"]["ema_warmup"] is False
 
     a = torch.load(f"{straight}/checkpoint.pt", weights_only=True)
     b = torch.load(f"{resumed}/checkpoint.pt", weights_only=True)
@@ -311,3 +312,21 @@ def test_ddp_two_cpu_processes_agree(tmp_path, folder, capsys):
     assert main(["eval", "--checkpoint", f"{out}/model.safetensors", "--data", f"imagefolder:{folder}", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["loss"] == pytest.approx(r0["summary"]["final_loss"], abs=2e-5)
+
+
+def test_runs_from_before_ema_warmup_resume_with_it_on(tmp_path, folder, monkeypatch):
+    """Checkpoints written before `ema_warmup` existed had timm's warm-up always on; a resume keeps it on."""
+    rc, run = _train(tmp_path, folder, "--epochs", "1", "--ema-decay", "0.9")
+    assert rc == 0
+    state = torch.load(f"{run}/checkpoint.pt", weights_only=True)
+    del state["config"]["ema_warmup"]
+    torch.save(state, f"{run}/checkpoint.pt")
+    from timm.utils import ModelEmaV3
+
+    seen = []
+    real_init = ModelEmaV3.__init__
+    monkeypatch.setattr(ModelEmaV3, "__init__",
+                        lambda self, *a, **kw: (seen.append(kw.get("use_warmup")), real_init(self, *a, **kw))[1])
+    assert main(["train", "--out", run, "--resume", "--epochs", "2"]) == 0
+    assert seen == [True]
+    assert torch.load(f"{run}/checkpoint.pt", weights_only=True)["config"]["ema_warmup"] is True

@@ -136,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         resume = out if args.resume is True else args.resume
         state, state_path = load_state(resume)
         base = dict(state["config"])
+        # Runs from before ema_warmup was a setting had timm's EMA warm-up always on: they resume as they began.
+        base.setdefault("ema_warmup", True)
         if args.resume is not True and "out" not in flags and "out" not in settings:
             # The run continues where its checkpoint is (a copied or moved run folder), not in the folder it was
             # first written to, which the checkpoint names and a recipe may name too.
