@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -585,3 +586,20 @@ def test_hand_edited_hugging_face_config(capsys, weights, images, tmp_path, edit
     (folder / "config.json").write_text(json.dumps(cfg))
     one_line_error(capsys, ["eval", "--checkpoint", str(folder), "--data", f"imagefolder:{images}"],
                    f"{folder}/config.json", message)
+
+
+def test_a_reader_that_goes_away_is_no_traceback():
+    """`cvt eval ... | head`: the closed pipe stops the command quietly (exit 141, as SIGPIPE would), no traceback."""
+    import subprocess
+
+    script = (
+        "import sys, cvt.commands.zoo as zoo\n"
+        "from cvt.cli import main\n"
+        "zoo.run = lambda args: [print('row', i) for i in range(200000)] and 0\n"
+        "sys.exit(main(['zoo']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"row 0\n"
+    proc.stdout.close()  # the reader leaves after one line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err and "Broken pipe" not in err, err
