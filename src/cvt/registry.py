@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from .config import ARCHITECTURE_FIELDS, COMPUTE_FIELDS, CvTConfig
 from .model import CvT
-from .weights import Checkpoint, CheckpointError, load_into, read_checkpoint
+from .weights import _FIRST_CONV, Checkpoint, CheckpointError, load_into, read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def _fit_config(name: str | None, ckpt: Checkpoint | None, num_classes: int | No
         cfg = (ckpt.config or infer_config(ckpt)).replace(**overrides)
     else:
         raise ValueError("name a model or give a checkpoint")
-    first_conv = ckpt.state_dict.get("stages.0.patch_embed.proj.weight") if ckpt is not None else None
+    first_conv = ckpt.state_dict.get(_FIRST_CONV) if ckpt is not None else None
     if first_conv is not None and "in_chans" not in overrides:
         cfg = cfg.replace(in_chans=first_conv.shape[1])  # the file's channel count unless the caller asks another
     if ckpt is not None and "head.weight" in ckpt.state_dict:
@@ -122,7 +122,7 @@ def infer_config(ckpt: Checkpoint) -> CvTConfig:
     matches = matches or [v.config.replace(depths=depths) for v in _VARIANTS.values() if v.config.embed_dims == dims]
     if matches:
         num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
-        return matches[0].replace(num_classes=num_classes, in_chans=sd["stages.0.patch_embed.proj.weight"].shape[1])
+        return matches[0].replace(num_classes=num_classes, in_chans=sd[_FIRST_CONV].shape[1])
     raise CheckpointError(
         f"cannot tell which CvT {ckpt.path} holds (embed dims {dims}, depths {depths}); name the model, "
         f"one of {', '.join(list_models())}"

@@ -34,18 +34,13 @@ def run(args: argparse.Namespace) -> int:
     from ..data import BatchTransform, build_data, data_info, preprocess_for
     from ..engine import amp_dtype, evaluate, pick_device
     from ..plots import plot_confusion
-    from ..registry import from_pretrained
+    from . import load_classifier
     from ..weights import _atomic_write
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = pick_device(args.device)
-    model = from_pretrained(args.checkpoint).to(device).eval()
-    if model.num_classes == 0:
-        raise ValueError(f"{args.checkpoint} has no classifier head: nothing to evaluate")
-    if model.fresh_classifier:
-        raise ValueError(f"{args.checkpoint} holds no trained classifier (only the encoder): fine-tune it first, "
-                         "e.g. cvt train --pretrained")
+    model = load_classifier(args.checkpoint, device, "evaluate")
     _, native = data_info(args.data)
     pre = preprocess_for(args.checkpoint, model.cfg.in_chans, args.img_size, native or 224)
     names = model.class_names

@@ -47,17 +47,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import BatchTransform, file_transform, open_image, preprocess_for
     from ..engine import log_probs, pick_device
-    from ..registry import from_pretrained
+    from . import load_classifier
 
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError("--top-k and --batch-size must be >= 1")
     device = pick_device(args.device)
-    model = from_pretrained(args.checkpoint).to(device).eval()
-    if model.num_classes == 0:
-        raise ValueError(f"{args.checkpoint} has no classifier head: nothing to predict")
-    if model.fresh_classifier:
-        raise ValueError(f"{args.checkpoint} holds no trained classifier (only the encoder): fine-tune it first, "
-                         "e.g. cvt train --pretrained")
+    model = load_classifier(args.checkpoint, device, "predict")
     names = model.class_names if model.class_names and len(model.class_names) == model.num_classes else None
     names = names or [str(i) for i in range(model.num_classes)]
     pre = preprocess_for(args.checkpoint, model.cfg.in_chans, args.img_size, 224)
