@@ -199,6 +199,7 @@ def test_bad_drop_path_rate_is_a_value_error(rate):
     ("compile=maybe", ["compile must be true or false, got 'maybe'"]),  # was: compile on ('maybe' is truthy)
     ("strict_data=1", ["strict_data must be true or false, got 1"]),
     ("data_dir=5", ["data_dir must be a path or null, got 5"]),  # was: a TypeError traceback from Path(5)
+    ("checkpoint_minutes=-1", ["checkpoint_minutes must be >= 0 (0: off), got -1"]),
 ])
 def test_bad_model_settings_through_the_cli(capsys, tmp_path, setting, needles):
     one_line_error(capsys, ["train", "--set", setting, "--out", str(tmp_path / "run")], *needles)

@@ -138,6 +138,34 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, many):
     assert [r["train_loss"] for r in ma] == [r["train_loss"] for r in mb] and len(mb) == 3
 
 
+def test_periodic_checkpoints_within_epochs_change_nothing_and_survive_sigkill(tmp_path, many):
+    """`checkpoint_minutes`: here a checkpoint after every step. The run pauses for each and goes on; killed
+    outright mid-epoch, it resumes from the last step saved and ends with the weights of a run that never paused."""
+    extra = ["--epochs", "3", *AUGMENT]
+    assert main(_argv(many, tmp_path / "straight", *extra, "--checkpoint-minutes", "0")) == 0
+
+    run = tmp_path / "killed"
+    with _child(_argv(many, run, *extra, "--checkpoint-minutes", "1e-9")) as proc:
+        seen = _wait_for_line(proc, "epoch 2/3 step 6/9")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed: the test proved nothing"
+    assert any("checkpoint at epoch 2, step 5/9" in line for line in seen), "".join(seen)
+    state, _ = engine.load_state(run)
+    assert state["epoch"] == 1 and state["step"] in (5, 6, 7)  # mid-epoch, not the epoch-end checkpoint
+    assert state["partial"]["taken"] == state["step"]
+
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(run / "model.safetensors")
+    assert _max_diff(straight, resumed) <= 1e-6
+    ma = [json.loads(x) for x in open(tmp_path / "straight" / "metrics.jsonl")]
+    mb = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert len(mb) == 3
+    # each epoch's loss is the mean of its steps, summed in parts here: equal up to float rounding
+    assert [r["train_loss"] for r in ma] == pytest.approx([r["train_loss"] for r in mb], abs=2e-5)
+
+
 def test_a_run_folder_is_never_replaced_by_mistake(tmp_path, folder, capsys):
     run, moved = tmp_path / "run", tmp_path / "moved"
     assert main(_argv(folder, run)) == 0

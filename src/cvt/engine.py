@@ -508,10 +508,13 @@ def load_state(spec: str | os.PathLike) -> tuple[dict[str, Any], Path]:
 # A whole run
 # ---------------------------------------------------------------------------------------------------------------
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag that the loop reads between steps (all ranks agree before acting)."""
+    """Read between steps: SIGINT/SIGTERM set `signum`, the run checkpoints and stops; every `every_s` seconds
+    since the last checkpoint (rank 0's clock) `due` is set, the run checkpoints and goes on. All ranks agree
+    before acting."""
 
-    def __init__(self, info: DistInfo):
+    def __init__(self, info: DistInfo, every_s: float = 0.0):
         self.info, self.signum, self._old = info, 0, {}
+        self.every_s, self.due, self._last = every_s, False, time.monotonic()
 
     def __enter__(self) -> "_StopFlag":
         if threading.current_thread() is threading.main_thread():
@@ -528,13 +531,20 @@ class _StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
+    def saved(self) -> None:
+        """A checkpoint was written: the next periodic one is `every_s` from now."""
+        self.due, self._last = False, time.monotonic()
+
     def __call__(self) -> bool:
+        due = self.every_s > 0 and time.monotonic() - self._last >= self.every_s
         if not self.info.enabled:
-            return bool(self.signum)
-        flag = torch.tensor([self.signum], dtype=torch.long)
+            self.due = due
+            return bool(self.signum) or due
+        flag = torch.tensor([self.signum, int(due and self.info.main)], dtype=torch.long)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.signum = self.signum or int(flag.item())
-        return bool(flag.item())
+        self.signum = self.signum or int(flag[0].item())
+        self.due = bool(flag[1].item())
+        return bool(flag[0].item()) or self.due
 
 
 def resolve_img_size(cfg: TrainConfig, model_name: str | None) -> int:
@@ -701,29 +711,39 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
 
     eval_model = ema.module if ema is not None else model
     result: EvalResult | None = None
-    with _StopFlag(info) as stop:
+    with _StopFlag(info, cfg.checkpoint_minutes * 60) as stop:
         for epoch in range(start_epoch, cfg.epochs):
             first = start_step if epoch == start_epoch else 0
-            set_epoch(data, epoch, first * cfg.accum_steps)
-            bar = _progress(progress and info.main, epoch, cfg.epochs, first, steps_per_epoch, micro * cfg.accum_steps * info.world)
-            try:
-                stats = train_one_epoch(t, data.train, epoch, steps_per_epoch, first, bar.update, stop)
-            finally:
-                bar.close()
-            train_seconds += stats.seconds
-            if epoch == start_epoch:  # the part of this epoch done before an interruption, if any
-                stats = stats.after(partial)
-            _gather_skipped(t)  # (evaluate() gathers its own)
-            if stats.interrupted:
+            before = partial if epoch == start_epoch else None  # what this epoch did before the resume, if any
+            while True:  # the epoch, in parts when it pauses for a checkpoint
+                set_epoch(data, epoch, first * cfg.accum_steps)
+                bar = _progress(progress and info.main, epoch, cfg.epochs, first, steps_per_epoch,
+                                micro * cfg.accum_steps * info.world)
+                try:
+                    stats = train_one_epoch(t, data.train, epoch, steps_per_epoch, first, bar.update, stop)
+                finally:
+                    bar.close()
+                train_seconds += stats.seconds
+                stats = stats.after(before)
+                _gather_skipped(t)  # (evaluate() gathers its own)
+                if not stats.interrupted:
+                    break
                 path = out / CHECKPOINT
                 if info.main:
                     save_state(path, snapshot(epoch, stats.steps, wall_before + time.perf_counter() - wall_start,
                                               stats.partial()))
-                name = signal.Signals(stop.signum).name if stop.signum else "signal"
-                raise Interrupted(
-                    f"stopped by {name} at epoch {epoch + 1}, step {stats.steps}/{steps_per_epoch}; "
-                    f"checkpoint written to {path}; continue with --resume", path, stop.signum or signal.SIGINT,
-                )
+                if stop.signum:
+                    name = signal.Signals(stop.signum).name
+                    raise Interrupted(
+                        f"stopped by {name} at epoch {epoch + 1}, step {stats.steps}/{steps_per_epoch}; "
+                        f"checkpoint written to {path}; continue with --resume", path, stop.signum,
+                    )
+                # A periodic checkpoint: the epoch goes on from that step exactly as `--resume` from it would, so
+                # the run's weights are those of a run that never paused (tested).
+                log.info("checkpoint at epoch %d, step %d/%d written to %s", epoch + 1, stats.steps,
+                         steps_per_epoch, path)
+                stop.saved()
+                first, before = stats.steps, stats.partial()
             row = {
                 "epoch": epoch + 1, "train_loss": round(stats.loss, 5), "val_loss": None, "val_top1": None,
                 "val_top5": None, "lr": schedule.get_last_lr(), "images_per_s": round(stats.images_per_s, 1),
@@ -749,6 +769,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
                 _log_epoch(writer, row, cfg.epochs)
                 save_weights(eval_model.state_dict(), model.cfg, out / "model.safetensors", class_names=classes)
                 save_state(out / CHECKPOINT, snapshot(epoch + 1, 0, wall_before + time.perf_counter() - wall_start))
+            stop.saved()
 
     if result is None:  # resumed a finished run: measure the final weights again
         result = evaluate(eval_model, data.val, eval_tf, device, len(classes), dtype, info)

@@ -72,6 +72,9 @@ class TrainConfig:
     device: str | None = None  # None: cuda when available, else cpu
     seed: int = 0
     eval_every: int = 1  # evaluate every N epochs (the last epoch always)
+    # Besides the checkpoint at each epoch's end, one within an epoch once this many minutes have passed since the
+    # last (0: off): a run killed outright (SIGKILL, a lost node) loses at most this much, however long its epochs.
+    checkpoint_minutes: float = 30.0
     grad_checkpointing: bool = False
     # Under DDP, BatchNorm statistics over the global batch: N processes then train as one process with the same
     # batch. Off: each process normalises its own share, as the authors trained (no extra communication).
@@ -144,6 +147,7 @@ class TrainConfig:
                  name, "a path or null")
         need(self.compile_mode in COMPILE_MODES, "compile_mode", f"one of {', '.join(COMPILE_MODES)}")
         need(is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "an integer >= 1")
+        need(is_num(self.checkpoint_minutes) and self.checkpoint_minutes >= 0, "checkpoint_minutes", ">= 0 (0: off)")
         need(isinstance(self.out, str) and bool(self.out), "out", "a folder path")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ValueError(f"batch_size must be even with mixup/cutmix (pairs are mixed), got {self.batch_size}")

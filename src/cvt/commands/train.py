@@ -34,6 +34,8 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--device", "device", str, "cpu, cuda or cuda:N (default: cuda when available)"),
     ("--num-workers", "num_workers", int, "DataLoader workers per process (default: 0 for Fashion-MNIST, else a share of the CPUs)"),
     ("--eval-every", "eval_every", int, "evaluate every N epochs (the last always)"),
+    ("--checkpoint-minutes", "checkpoint_minutes", float,
+     "also checkpoint within an epoch every N minutes (default 30; 0: at epoch ends only)"),
     ("--out", "out", str, "run folder (default runs/train)"),
 ]
 
