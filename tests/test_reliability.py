@@ -186,7 +186,13 @@ def test_a_run_folder_is_never_replaced_by_mistake(tmp_path, folder, capsys):
     assert json.loads((moved / "summary.json").read_text())["epochs"] == 2
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
 
-    # --overwrite starts over.
+    # --overwrite starts over: first the old run's summary and best weights go (a new run stopped before its first
+    # evaluation must not leave them beside its own files), then the new run writes its own.
+    from cvt.commands.train import _refuse_to_replace_a_run
+
+    assert (run / "best" / "model.safetensors").is_file()
+    _refuse_to_replace_a_run(run, overwrite=True)
+    assert not (run / "summary.json").exists() and list((run / "best").iterdir()) == []
     assert main(_argv(folder, run, "--overwrite", "--seed", "1")) == 0
     assert (run / "model.safetensors").read_bytes() != files["model.safetensors"]
 

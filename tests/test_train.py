@@ -13,6 +13,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import cvt
 import cvt.data  # cvt.data.* below; `import cvt` alone does not load it
@@ -67,6 +68,21 @@ def test_run_directory(trained):
     # the saved weights are the evaluated ones (EMA on): the EMA in the checkpoint matches model.safetensors
     saved = model.state_dict()
     assert all(torch.equal(saved[k], v) for k, v in state["ema"].items() if k in saved)
+
+
+def test_best_weights_folder(trained, folder, capsys):
+    """RUN/best/ holds the weights of the evaluation with the highest top-1 (timm's model_best), loadable alone."""
+    summary = json.load(open(f"{trained}/summary.json"))
+    lines = [json.loads(line) for line in open(f"{trained}/metrics.jsonl")]
+    first_best = next(r for r in lines if r["val_top1"] == summary["best_top1"])
+    assert summary["best_epoch"] == first_best["epoch"]
+    assert sorted(os.listdir(f"{trained}/best")) == ["config.json", "model.safetensors", "preprocess.json"]
+    assert main(["eval", "--checkpoint", f"{trained}/best", "--data", f"imagefolder:{folder}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(summary["best_top1"], abs=1e-6)
+    best = load_file(f"{trained}/best/model.safetensors")
+    final = load_file(f"{trained}/model.safetensors")
+    same = all(torch.equal(best[k], final[k]) for k in final)
+    assert same == (summary["best_epoch"] == summary["epochs"])
 
 
 def test_eval_and_predict(trained, folder, capsys):

@@ -4,6 +4,7 @@ and `fit`, which runs a whole `TrainConfig` into a run directory:
     RUN/metrics.jsonl       one JSON line per epoch (train loss, val top-1/top-5, lr, images/s, seconds)
     RUN/summary.json        best/final top-1, epochs, training seconds, model, parameters, skipped files
     RUN/model.safetensors   the final weights (EMA when on) + config.json + preprocess.json beside them
+    RUN/best/               the same three files for the evaluation with the highest top-1 so far
     RUN/checkpoint.pt       the training state for --resume (written atomically; torch.load(weights_only=True))
     RUN/recipe.yaml         the resolved settings;  RUN/tensorboard/  events;  RUN/*.png  curves, confusion matrix
 
@@ -763,19 +764,31 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
                                                               - wall_start, stats.partial()))
                     raise
                 row.update(val_loss=round(result.loss, 5), val_top1=round(result.top1, 3), val_top5=round(result.top5, 3))
+            best_before = max((h["val_top1"] for h in history if h["val_top1"] is not None), default=-math.inf)
             history.append(row)
             if info.main:
                 _append_line(out / "metrics.jsonl", row)
                 _log_epoch(writer, row, cfg.epochs)
                 save_weights(eval_model.state_dict(), model.cfg, out / "model.safetensors", class_names=classes)
+                if row["val_top1"] is not None and row["val_top1"] > best_before:
+                    # timm's model_best, as a folder that loads like the run's own (config and preprocessing
+                    # beside the weights). The checkpoint below comes after: a run killed in between redoes
+                    # this epoch on resume and writes it again.
+                    (out / "best").mkdir(exist_ok=True)
+                    save_weights(eval_model.state_dict(), model.cfg, out / "best" / "model.safetensors",
+                                 class_names=classes)
+                    _write_text(out / "best" / "preprocess.json", json.dumps(pre.to_dict(), indent=2))
                 save_state(out / CHECKPOINT, snapshot(epoch + 1, 0, wall_before + time.perf_counter() - wall_start))
             stop.saved()
 
     if result is None:  # resumed a finished run: measure the final weights again
         result = evaluate(eval_model, data.val, eval_tf, device, len(classes), dtype, info)
+    evaluated = [h for h in history if h["val_top1"] is not None]
+    best = max(evaluated, key=lambda h: h["val_top1"]) if evaluated else None  # the first of equals, as saved
     summary = {
         "model": model_name or str(cfg.pretrained), "params": params, "data": cfg.data, "img_size": pre.img_size,
-        "classes": len(classes), "epochs": cfg.epochs, "best_top1": max((h["val_top1"] for h in history if h["val_top1"] is not None), default=None),
+        "classes": len(classes), "epochs": cfg.epochs, "best_top1": best["val_top1"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
         "final_top1": round(result.top1, 3), "final_top5": round(result.top5, 3), "final_loss": round(result.loss, 5),
         "val_images": result.count, "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(wall_before + time.perf_counter() - wall_start, 1),

@@ -117,8 +117,10 @@ def _refuse_to_replace_a_run(out: Path, overwrite: bool) -> None:
             f"{out} already holds a run ({', '.join(found)}); continue it with --resume, "
             "start over in it with --overwrite, or pick another --out"
         )
-    # Starting over: the old run's summary must not sit beside the new run's metrics if the new one stops early.
+    # Starting over: the old run's summary and best weights must not sit beside the new run's if it stops early.
     (out / "summary.json").unlink(missing_ok=True)
+    for name in ("model.safetensors", "preprocess.json", "config.json"):
+        (out / "best" / name).unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"cvt train: {e}", file=sys.stderr)
         return 128 + int(e.signum)
     if os.environ.get("RANK", "0") == "0":
-        best = f" (best {summary['best_top1']:.2f}%)" if summary["best_top1"] is not None else ""
+        best = ""
+        if summary["best_top1"] is not None:
+            best = f" (best {summary['best_top1']:.2f}% at epoch {summary['best_epoch']}, weights in {Path(cfg.out) / 'best'})"
         print(
             f"{summary['model']}: final top-1 {summary['final_top1']:.2f}%{best}, top-5 {summary['final_top5']:.2f}% "
             f"on {summary['val_images']} images; {summary['train_seconds']:.0f} s training, "
