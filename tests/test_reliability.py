@@ -444,7 +444,8 @@ def ddp_runs(tmp_path_factory, fake_fmnist, broken_split):
 
     tmp = tmp_path_factory.mktemp("ddp")
     skipped = dict(model="cvt_tiny", model_args=dict(TINY_ARGS), data=f"imagefolder:{broken_split[0]}",
-                   img_size=32, batch_size=8, epochs=1, num_workers=0, device="cpu", out=str(tmp / "skipped"))
+                   img_size=32, batch_size=8, epochs=1, num_workers=0, device="cpu", out=str(tmp / "skipped"),
+                   checkpoint_minutes=1e-9)  # and a periodic checkpoint after every step: the ranks agree on each
     (tmp / "bn").mkdir()
     jobs = [(_free_port(), "fit", skipped), (_free_port(), "bn", str(tmp / "bn")),
             (_free_port(), "fit", _equivalence_cfg(fake_fmnist, tmp / "sync", True)),

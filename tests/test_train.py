@@ -3,17 +3,18 @@ files, resume after an interruption, and two-process DistributedDataParallel on 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
 import shutil
 import signal
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import cvt
 import cvt.data  # cvt.data.* below; `import cvt` alone does not load it
@@ -70,19 +71,38 @@ def test_run_directory(trained):
     assert all(torch.equal(saved[k], v) for k, v in state["ema"].items() if k in saved)
 
 
-def test_best_weights_folder(trained, folder, capsys):
-    """RUN/best/ holds the weights of the evaluation with the highest top-1 (timm's model_best), loadable alone."""
-    summary = json.load(open(f"{trained}/summary.json"))
-    lines = [json.loads(line) for line in open(f"{trained}/metrics.jsonl")]
-    first_best = next(r for r in lines if r["val_top1"] == summary["best_top1"])
-    assert summary["best_epoch"] == first_best["epoch"]
-    assert sorted(os.listdir(f"{trained}/best")) == ["config.json", "model.safetensors", "preprocess.json"]
-    assert main(["eval", "--checkpoint", f"{trained}/best", "--data", f"imagefolder:{folder}", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(summary["best_top1"], abs=1e-6)
-    best = load_file(f"{trained}/best/model.safetensors")
-    final = load_file(f"{trained}/model.safetensors")
-    same = all(torch.equal(best[k], final[k]) for k in final)
-    assert same == (summary["best_epoch"] == summary["epochs"])
+def test_best_weights_folder(tmp_path, folder, monkeypatch, capsys):
+    """RUN/best/ holds the weights of the evaluation with the highest top-1 (timm's model_best), loadable alone:
+    here the evaluations are made to score 50, 80, 80, 60, so the best is epoch 2 (the first of equals)."""
+    from cvt import engine
+
+    real, scores, seen = engine.evaluate, iter([50.0, 80.0, 80.0, 60.0]), []
+
+    def scripted(model, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})  # the weights being evaluated
+        return dataclasses.replace(real(model, *args, **kwargs), top1=next(scores))
+
+    monkeypatch.setattr(engine, "evaluate", scripted)
+    rc, run = _train(tmp_path, folder, "--epochs", "4", "--lr", "3e-3", "--ema-decay", "0.9")
+    assert rc == 0
+    summary = json.load(open(f"{run}/summary.json"))
+    assert (summary["best_top1"], summary["best_epoch"], summary["best_weights"]) == (80.0, 2, f"{run}/best")
+    assert f"(best 80.00% at epoch 2, weights in {run}/best)" in capsys.readouterr().out
+    assert sorted(os.listdir(f"{run}/best")) == ["best.json", "config.json", "model.safetensors", "preprocess.json"]
+    assert json.load(open(f"{run}/best/best.json")) == {"epoch": 2, "val_top1": 80.0}
+    best = cvt.from_pretrained(f"{run}/best").state_dict()
+    assert all(torch.equal(best[k], seen[1][k]) for k in seen[1])  # epoch 2's weights ...
+    assert not all(torch.equal(best[k], seen[3][k]) for k in seen[3])  # ... not the final ones
+    monkeypatch.setattr(engine, "evaluate", real)
+    assert main(["eval", "--checkpoint", f"{run}/best", "--data", f"imagefolder:{folder}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 9
+
+    # best.json that does not match the history (a run from before best/ existed, or one killed between writing
+    # best/ and its checkpoint): the summary does not name the folder
+    (Path(run) / "best" / "best.json").write_text(json.dumps({"epoch": 3, "val_top1": 80.0}))
+    assert engine._best_weights(Path(run), {"epoch": 2, "val_top1": 80.0}) is None
+    (Path(run) / "best" / "best.json").unlink()
+    assert engine._best_weights(Path(run), {"epoch": 2, "val_top1": 80.0}) is None
 
 
 def test_eval_and_predict(trained, folder, capsys):

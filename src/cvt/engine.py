@@ -516,6 +516,9 @@ class _StopFlag:
     def __init__(self, info: DistInfo, every_s: float = 0.0):
         self.info, self.signum, self._old = info, 0, {}
         self.every_s, self.due, self._last = every_s, False, time.monotonic()
+        # What the last call decided, the same on every rank: a signal that lands after it (during a periodic
+        # save, say) waits for the next step's call, so that no rank stops while another goes on.
+        self.stopping = False
 
     def __enter__(self) -> "_StopFlag":
         if threading.current_thread() is threading.main_thread():
@@ -539,13 +542,13 @@ class _StopFlag:
     def __call__(self) -> bool:
         due = self.every_s > 0 and time.monotonic() - self._last >= self.every_s
         if not self.info.enabled:
-            self.due = due
-            return bool(self.signum) or due
-        flag = torch.tensor([self.signum, int(due and self.info.main)], dtype=torch.long)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.signum = self.signum or int(flag[0].item())
-        self.due = bool(flag[1].item())
-        return bool(flag[0].item()) or self.due
+            self.stopping, self.due = bool(self.signum), due
+        else:
+            flag = torch.tensor([self.signum, int(due and self.info.main)], dtype=torch.long)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.signum = self.signum or int(flag[0].item())
+            self.stopping, self.due = bool(flag[0].item()), bool(flag[1].item())
+        return self.stopping or self.due
 
 
 def resolve_img_size(cfg: TrainConfig, model_name: str | None) -> int:
@@ -727,13 +730,13 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
                 train_seconds += stats.seconds
                 stats = stats.after(before)
                 _gather_skipped(t)  # (evaluate() gathers its own)
-                if not stats.interrupted:
-                    break
+                if not stats.interrupted or (not stop.stopping and stats.steps == steps_per_epoch):
+                    break  # (a periodic checkpoint due after the last step: the epoch-end one comes next)
                 path = out / CHECKPOINT
                 if info.main:
                     save_state(path, snapshot(epoch, stats.steps, wall_before + time.perf_counter() - wall_start,
                                               stats.partial()))
-                if stop.signum:
+                if stop.stopping:
                     name = signal.Signals(stop.signum).name
                     raise Interrupted(
                         f"stopped by {name} at epoch {epoch + 1}, step {stats.steps}/{steps_per_epoch}; "
@@ -772,12 +775,14 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
                 save_weights(eval_model.state_dict(), model.cfg, out / "model.safetensors", class_names=classes)
                 if row["val_top1"] is not None and row["val_top1"] > best_before:
                     # timm's model_best, as a folder that loads like the run's own (config and preprocessing
-                    # beside the weights). The checkpoint below comes after: a run killed in between redoes
-                    # this epoch on resume and writes it again.
-                    (out / "best").mkdir(exist_ok=True)
-                    save_weights(eval_model.state_dict(), model.cfg, out / "best" / "model.safetensors",
-                                 class_names=classes)
-                    _write_text(out / "best" / "preprocess.json", json.dumps(pre.to_dict(), indent=2))
+                    # beside the weights); best.json, written last, says which evaluation they are. A run killed
+                    # before the checkpoint below redoes this epoch on resume, and the summary names best/ only
+                    # where best.json matches the history.
+                    best_dir = out / "best"
+                    best_dir.mkdir(exist_ok=True)
+                    save_weights(eval_model.state_dict(), model.cfg, best_dir / "model.safetensors", class_names=classes)
+                    _write_text(best_dir / "preprocess.json", json.dumps(pre.to_dict(), indent=2))
+                    _write_text(best_dir / "best.json", json.dumps({"epoch": row["epoch"], "val_top1": row["val_top1"]}))
                 save_state(out / CHECKPOINT, snapshot(epoch + 1, 0, wall_before + time.perf_counter() - wall_start))
             stop.saved()
 
@@ -788,7 +793,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
     summary = {
         "model": model_name or str(cfg.pretrained), "params": params, "data": cfg.data, "img_size": pre.img_size,
         "classes": len(classes), "epochs": cfg.epochs, "best_top1": best["val_top1"] if best else None,
-        "best_epoch": best["epoch"] if best else None,
+        "best_epoch": best["epoch"] if best else None, "best_weights": _best_weights(out, best),
         "final_top1": round(result.top1, 3), "final_top5": round(result.top5, 3), "final_loss": round(result.loss, 5),
         "val_images": result.count, "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(wall_before + time.perf_counter() - wall_start, 1),
@@ -811,6 +816,17 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
 # ---------------------------------------------------------------------------------------------------------------
 # Run-directory helpers
 # ---------------------------------------------------------------------------------------------------------------
+def _best_weights(out: Path, best: dict | None) -> str | None:
+    """RUN/best when it holds the weights of `best` (the history's best evaluation), else None: a run from before
+    best/ existed, or one killed between writing best/ and its checkpoint whose redone epoch scored lower."""
+    try:
+        saved = json.loads((out / "best" / "best.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = best is not None and saved == {"epoch": best["epoch"], "val_top1": best["val_top1"]}
+    return str(out / "best") if same else None
+
+
 def _write_text(path: Path, text: str) -> None:
     _atomic_write(path, lambda p: p.write_text(text))
 

@@ -119,7 +119,7 @@ def _refuse_to_replace_a_run(out: Path, overwrite: bool) -> None:
         )
     # Starting over: the old run's summary and best weights must not sit beside the new run's if it stops early.
     (out / "summary.json").unlink(missing_ok=True)
-    for name in ("model.safetensors", "preprocess.json", "config.json"):
+    for name in ("best.json", "model.safetensors", "preprocess.json", "config.json"):
         (out / "best" / name).unlink(missing_ok=True)
 
 
@@ -157,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         best = ""
         if summary["best_top1"] is not None:
-            best = f" (best {summary['best_top1']:.2f}% at epoch {summary['best_epoch']}, weights in {Path(cfg.out) / 'best'})"
+            where = f", weights in {summary['best_weights']}" if summary["best_weights"] else ""
+            best = f" (best {summary['best_top1']:.2f}% at epoch {summary['best_epoch']}{where})"
         print(
             f"{summary['model']}: final top-1 {summary['final_top1']:.2f}%{best}, top-5 {summary['final_top5']:.2f}% "
             f"on {summary['val_images']} images; {summary['train_seconds']:.0f} s training, "
