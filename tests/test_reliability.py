@@ -109,6 +109,14 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def _resume_matches(straight: Path, run: Path, loss_tolerance: float = 0.0) -> None:
+    """`--resume` the killed 3-epoch `run`: it ends with the weights and epoch losses of the run never stopped."""
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert _max_diff(load_file(straight / "model.safetensors"), load_file(run / "model.safetensors")) <= 1e-6
+    losses = [[json.loads(x)["train_loss"] for x in open(r / "metrics.jsonl")] for r in (straight, run)]
+    assert len(losses[1]) == 3 and losses[1] == pytest.approx(losses[0], rel=0, abs=loss_tolerance)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 1. SIGKILL mid-epoch, --resume: the weights of the uninterrupted run
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,13 +137,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, many):
     assert (state["epoch"], state["step"]) == (1, 0)
     assert [n for n in os.listdir(run) if ".tmp" in n] == []  # ... and no half-written file beside it
 
-    assert main(["train", "--out", str(run), "--resume"]) == 0
-    straight = load_file(tmp_path / "straight" / "model.safetensors")
-    resumed = load_file(run / "model.safetensors")
-    assert _max_diff(straight, resumed) <= 1e-6
-    ma = [json.loads(x) for x in open(tmp_path / "straight" / "metrics.jsonl")]
-    mb = [json.loads(x) for x in open(run / "metrics.jsonl")]
-    assert [r["train_loss"] for r in ma] == [r["train_loss"] for r in mb] and len(mb) == 3
+    _resume_matches(tmp_path / "straight", run)
 
 
 def test_periodic_checkpoints_within_epochs_change_nothing_and_survive_sigkill(tmp_path, many):
@@ -155,15 +157,8 @@ def test_periodic_checkpoints_within_epochs_change_nothing_and_survive_sigkill(t
     assert state["epoch"] == 1 and state["step"] in (5, 6, 7)  # mid-epoch, not the epoch-end checkpoint
     assert state["partial"]["taken"] == state["step"]
 
-    assert main(["train", "--out", str(run), "--resume"]) == 0
-    straight = load_file(tmp_path / "straight" / "model.safetensors")
-    resumed = load_file(run / "model.safetensors")
-    assert _max_diff(straight, resumed) <= 1e-6
-    ma = [json.loads(x) for x in open(tmp_path / "straight" / "metrics.jsonl")]
-    mb = [json.loads(x) for x in open(run / "metrics.jsonl")]
-    assert len(mb) == 3
     # each epoch's loss is the mean of its steps, summed in parts here: equal up to float rounding
-    assert [r["train_loss"] for r in ma] == pytest.approx([r["train_loss"] for r in mb], abs=2e-5)
+    _resume_matches(tmp_path / "straight", run, loss_tolerance=2e-5)
 
 
 def test_a_run_folder_is_never_replaced_by_mistake(tmp_path, folder, capsys):
