@@ -510,12 +510,12 @@ def load_state(spec: str | os.PathLike) -> tuple[dict[str, Any], Path]:
 # ---------------------------------------------------------------------------------------------------------------
 class _StopFlag:
     """Read between steps: SIGINT/SIGTERM set `signum`, the run checkpoints and stops; every `every_s` seconds
-    since the last checkpoint (rank 0's clock) `due` is set, the run checkpoints and goes on. All ranks agree
+    since the last checkpoint (rank 0's clock) it is due, the run checkpoints and goes on. All ranks agree
     before acting."""
 
     def __init__(self, info: DistInfo, every_s: float = 0.0):
         self.info, self.signum, self._old = info, 0, {}
-        self.every_s, self.due, self._last = every_s, False, time.monotonic()
+        self.every_s, self._last = every_s, time.monotonic()
         # What the last call decided, the same on every rank: a signal that lands after it (during a periodic
         # save, say) waits for the next step's call, so that no rank stops while another goes on.
         self.stopping = False
@@ -537,18 +537,18 @@ class _StopFlag:
 
     def saved(self) -> None:
         """A checkpoint was written: the next periodic one is `every_s` from now."""
-        self.due, self._last = False, time.monotonic()
+        self._last = time.monotonic()
 
     def __call__(self) -> bool:
         due = self.every_s > 0 and time.monotonic() - self._last >= self.every_s
         if not self.info.enabled:
-            self.stopping, self.due = bool(self.signum), due
+            self.stopping = bool(self.signum)
         else:
             flag = torch.tensor([self.signum, int(due and self.info.main)], dtype=torch.long)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.signum = self.signum or int(flag[0].item())
-            self.stopping, self.due = bool(flag[0].item()), bool(flag[1].item())
-        return self.stopping or self.due
+            self.stopping, due = bool(flag[0].item()), bool(flag[1].item())
+        return self.stopping or due
 
 
 def resolve_img_size(cfg: TrainConfig, model_name: str | None) -> int:
