@@ -300,6 +300,20 @@ def test_recipes_in_configs_are_valid():
         cvt.create_model(cfg.model or "cvt_tiny", **cfg.model_args)  # the model it names builds
 
 
+def test_exponent_only_numbers_are_numbers_in_recipes_and_flags(tmp_path):
+    # PyYAML alone reads `5e-4` (no dot) as the string '5e-4', which the config then refused as not a number.
+    from cvt.commands.train import parse_settings
+    from cvt.recipe import build_config, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 5e-4\nmin_lr: 1E-6\nwarmup_lr: 1.0e-7\nepochs: 3\nmodel_args: {layer_norm_eps: 1e-6}\n")
+    flags = parse_settings(["weight_decay=2e-2", "model_args.drop_path_rate=[0, 0, 1e-1]", "seed=7", "data=1e3x"])
+    cfg = build_config(load_recipe(recipe), flags)
+    assert (cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.weight_decay) == (5e-4, 1e-6, 1e-7, 2e-2)
+    assert cfg.model_args == {"layer_norm_eps": 1e-6, "drop_path_rate": [0, 0, 0.1]}
+    assert (cfg.epochs, cfg.seed, cfg.data) == (3, 7, "1e3x")  # ints stay ints, other words stay strings
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

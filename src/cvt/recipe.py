@@ -1,8 +1,9 @@
 """`TrainConfig`: everything a training run needs, as one validated dataclass; recipes are YAML files of its fields.
 
 Precedence, lowest first: the defaults below, a recipe (`--config configs/x.yaml`), then command-line flags. A
-resumed run starts from the recipe stored in its checkpoint instead of the defaults. YAML is read with
-`yaml.safe_load`; an unknown key is an error that names the key and the closest known ones.
+resumed run starts from the recipe stored in its checkpoint instead of the defaults. YAML is read by `read_yaml`
+(`yaml.safe_load`, but `2e-4` is a number); an unknown key is an error that names the key and the closest known
+ones.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,27 @@ def check_keys(d: dict[str, Any], where: str) -> None:
             raise ValueError(f"unknown key {key!r} in {where}{hint}")
 
 
+def read_yaml(text: str) -> Any:
+    """`yaml.safe_load`, except that `1e-3` and `5E+2` are floats, as in YAML 1.2 and Python.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (`1.0e-3`), so `lr: 5e-4` or `--set min_lr=2e-4` would
+    otherwise arrive as the string '5e-4' and be refused as not a number.
+    """
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    # Replaces no resolver: plain scalars are tried against this one first for their leading characters, and
+    # anything it does not match still goes through YAML 1.1's rules (ints, 1.5, .inf, yes/no, ...).
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """The settings in a YAML recipe (validated names; values are checked when the TrainConfig is built)."""
     import yaml
@@ -230,7 +253,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:

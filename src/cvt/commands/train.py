@@ -62,13 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_settings(items: list[str]) -> dict[str, Any]:
     import yaml
 
+    from ..recipe import read_yaml
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw else None
+            value = read_yaml(raw) if raw else None
         except yaml.YAMLError:
             raise ValueError(f"--set {key}: cannot read {raw!r} as a YAML value") from None
         if key.startswith("model_args."):
