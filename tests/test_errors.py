@@ -205,6 +205,14 @@ def test_bad_model_settings_through_the_cli(capsys, tmp_path, setting, needles):
     one_line_error(capsys, ["train", "--set", setting, "--out", str(tmp_path / "run")], *needles)
 
 
+def test_settings_that_were_tracebacks(capsys, tmp_path):
+    # `out` is read before the settings are checked when resuming (to find the run): was a TypeError from Path(2024)
+    one_line_error(capsys, ["train", "--resume", "--set", "out=2024"], "out must be a folder path, got 2024")
+    # a dotted model_args key after model_args itself was set to a non-mapping: was a TypeError
+    one_line_error(capsys, ["train", "--set", "model_args=5", "--set", "model_args.depths=[1, 2, 4]"],
+                   "--set model_args.depths: model_args was set to 5, not a mapping")
+
+
 @pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand", "rand-m9-n2-p0.5-mmax10-inc0-tweights",
                                   "rand-mstd101-t3a", "rand-n3-t3aw"])
 def test_good_randaugment_specs_pass(spec):

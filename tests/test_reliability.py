@@ -181,13 +181,31 @@ def test_a_run_folder_is_never_replaced_by_mistake(tmp_path, folder, capsys):
     assert json.loads((moved / "summary.json").read_text())["epochs"] == 2
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
 
-    # --overwrite starts over: first the old run's summary and best weights go (a new run stopped before its first
-    # evaluation must not leave them beside its own files), then the new run writes its own.
-    from cvt.commands.train import _refuse_to_replace_a_run
+    # A resumed run keeps its model: another one would be recorded in recipe.yaml without being what trains.
+    moved_files = {p.name: p.read_bytes() for p in moved.iterdir() if p.is_file()}
+    capsys.readouterr()
+    for change in (["--set", "model_args.drop_path_rate=0.3"], ["--model", "cvt_13"]):
+        assert main(["train", "--resume", str(moved), "--epochs", "3", *change]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "a resumed run keeps its model" in err and "differs from the run's" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in moved.iterdir() if p.is_file()} == moved_files
 
-    assert (run / "best" / "model.safetensors").is_file()
-    _refuse_to_replace_a_run(run, overwrite=True)
+    # --overwrite with a mistake in the model or the data loses nothing of the old run, best/ included.
+    best = {p.name: p.read_bytes() for p in (run / "best").iterdir()}
+    assert "model.safetensors" in best
+    for mistake in (["--model", "cvt_13x"], ["--data", f"imagefolder:{tmp_path / 'none'}"]):
+        assert main(_argv(folder, run, "--overwrite", *mistake)) == 2
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
+        assert {p.name: p.read_bytes() for p in (run / "best").iterdir()} == best
+
+    # --overwrite starts over: once the new model and data are built, the old run's summary and best weights go (a
+    # new run stopped before its first evaluation must not leave them beside its own files) ...
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(engine, "_tensorboard", lambda out: (_ for _ in ()).throw(RuntimeError("stopped after the clean-up")))
+        with pytest.raises(RuntimeError, match="stopped after the clean-up"):
+            main(_argv(folder, run, "--overwrite", "--seed", "1"))
     assert not (run / "summary.json").exists() and list((run / "best").iterdir()) == []
+    # ... and the new run writes its own.
     assert main(_argv(folder, run, "--overwrite", "--seed", "1")) == 0
     assert (run / "model.safetensors").read_bytes() != files["model.safetensors"]
 

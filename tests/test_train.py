@@ -303,7 +303,7 @@ def test_recipes_in_configs_are_valid():
 def test_exponent_only_numbers_are_numbers_in_recipes_and_flags(tmp_path):
     # PyYAML alone reads `5e-4` (no dot) as the string '5e-4', which the config then refused as not a number.
     from cvt.commands.train import parse_settings
-    from cvt.recipe import build_config, load_recipe
+    from cvt.recipe import build_config, load_recipe, write_yaml
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("lr: 5e-4\nmin_lr: 1E-6\nwarmup_lr: 1.0e-7\nepochs: 3\nmodel_args: {layer_norm_eps: 1e-6}\n")
@@ -312,6 +312,13 @@ def test_exponent_only_numbers_are_numbers_in_recipes_and_flags(tmp_path):
     assert (cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.weight_decay) == (5e-4, 1e-6, 1e-7, 2e-2)
     assert cfg.model_args == {"layer_norm_eps": 1e-6, "drop_path_rate": [0, 0, 0.1]}
     assert (cfg.epochs, cfg.seed, cfg.data) == (3, 7, "1e3x")  # ints stay ints, other words stay strings
+    # what a run writes as recipe.yaml reads back to the same settings, a path that looks like a number included
+    cfg = build_config(load_recipe(recipe), {"out": "1e-3", "data_dir": "2e5"})
+    (tmp_path / "recipe.yaml").write_text(write_yaml(cfg.to_dict()))
+    assert build_config(load_recipe(tmp_path / "recipe.yaml")) == cfg
+    # `model_args:` with every field commented out is no model_args
+    recipe.write_text("model_args:\n  # depths: [1, 2, 4]\n")
+    assert build_config(load_recipe(recipe)).model_args == {}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from torch import nn
 from .config import CvTConfig
 from .data import BatchTransform, Preprocess, _mix, build_data, data_info, parse_data, seed_everything, set_epoch
 from .model import CvT, param_count
-from .recipe import TrainConfig
+from .recipe import TrainConfig, write_yaml
 from .weights import STATE_FORMAT, _atomic_write, save_weights
 
 log = logging.getLogger("cvt.train")
@@ -595,6 +595,17 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
     wall_start = time.perf_counter()
     out = Path(cfg.out)
     state, state_path = load_state(resume) if resume else (None, None)
+    if state is not None:
+        # The model comes from the checkpoint: a changed model or model_args would be recorded in recipe.yaml and
+        # the checkpoint without being what trains, so --config RUN/recipe.yaml would build another model.
+        kept = state["config"]
+        changed = [k for k in ("model", "model_args", "pretrained") if getattr(cfg, k) != kept.get(k)]
+        if changed:
+            raise ValueError(
+                "a resumed run keeps its model; "
+                + ", ".join(f"{k} {getattr(cfg, k)!r} differs from the run's {kept.get(k)!r}" for k in changed)
+                + " (to train another model from these weights, start a new run with --pretrained)"
+            )
     parse_data(cfg.data)  # a bad --data is an error before anything is built
     if cfg.batch_size % (info.world * cfg.accum_steps):
         raise ValueError(
@@ -689,7 +700,14 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
     writer = None
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / "recipe.yaml", _yaml(cfg.to_dict()))
+        if state is None:
+            # A new run in a folder that held one (`cvt train --overwrite`): the old summary and best weights must not
+            # sit beside the new run's if it stops early. Removed only now that the model and data are built, so a
+            # mistake in either loses nothing. Its checkpoint and final weights are replaced at the first epoch's end.
+            (out / "summary.json").unlink(missing_ok=True)
+            for name in ("best.json", "model.safetensors", "preprocess.json", "config.json"):
+                (out / "best" / name).unlink(missing_ok=True)
+        _write_text(out / "recipe.yaml", write_yaml(cfg.to_dict()))
         _write_text(out / "preprocess.json", json.dumps(pre.to_dict(), indent=2))
         _write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         writer = _tensorboard(out)
@@ -836,12 +854,6 @@ def _append_line(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _yaml(d: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(d, sort_keys=False)
 
 
 def _tensorboard(out: Path):

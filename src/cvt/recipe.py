@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import re
@@ -87,6 +88,8 @@ class TrainConfig:
     out: str = "runs/train"
 
     def __post_init__(self) -> None:
+        if self.model_args is None:  # `model_args:` with every key commented out
+            self.model_args = {}
         if isinstance(self.crop_scale, list):
             self.crop_scale = tuple(self.crop_scale)
         for name in ("pretrained", "data_dir", "out"):  # a Path from Python code; recipe.yaml stores text
@@ -224,25 +227,45 @@ def check_keys(d: dict[str, Any], where: str) -> None:
             raise ValueError(f"unknown key {key!r} in {where}{hint}")
 
 
+# YAML 1.2's (and Python's) exponent floats without a dot, which YAML 1.1 (PyYAML) reads as strings: `5e-4`, `1E+3`,
+# `.5e3`. Forms with a dot (`1.0e-3`) are YAML 1.1 floats already.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+@functools.cache
+def _yaml_classes() -> tuple[type, type]:
+    """SafeLoader and SafeDumper that also know `_EXPONENT_FLOAT` (added to copies of PyYAML's resolver tables;
+    tried after YAML 1.1's own, which none of these strings match)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    for cls in (Loader, Dumper):
+        cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+    return Loader, Dumper
+
+
 def read_yaml(text: str) -> Any:
-    """`yaml.safe_load`, except that `1e-3` and `5E+2` are floats, as in YAML 1.2 and Python.
+    """`yaml.safe_load`, except that `5e-4` is a float, as in YAML 1.2 and Python.
 
     PyYAML follows YAML 1.1, where a float needs a dot (`1.0e-3`), so `lr: 5e-4` or `--set min_lr=2e-4` would
     otherwise arrive as the string '5e-4' and be refused as not a number.
     """
     import yaml
 
-    class _Loader(yaml.SafeLoader):
-        pass
+    return yaml.load(text, Loader=_yaml_classes()[0])
 
-    # Replaces no resolver: plain scalars are tried against this one first for their leading characters, and
-    # anything it does not match still goes through YAML 1.1's rules (ints, 1.5, .inf, yes/no, ...).
-    _Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-        list("-+0123456789"),
-    )
-    return yaml.load(text, Loader=_Loader)
+
+def write_yaml(data: Any) -> str:
+    """`yaml.safe_dump` (keys in their order) that `read_yaml` reads back to the same values: a string such as
+    '1e-3' is written quoted."""
+    import yaml
+
+    return yaml.dump(data, Dumper=_yaml_classes()[1], sort_keys=False)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

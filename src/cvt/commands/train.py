@@ -74,7 +74,9 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             raise ValueError(f"--set {key}: cannot read {raw!r} as a YAML value") from None
         if key.startswith("model_args."):
-            out.setdefault("model_args", {})[key.split(".", 1)[1]] = value
+            if not isinstance(out.setdefault("model_args", {}), dict):
+                raise ValueError(f"--set {key}: model_args was set to {out['model_args']!r}, not a mapping, before it")
+            out["model_args"][key.split(".", 1)[1]] = value
         else:
             out[key] = value
     return out
@@ -119,10 +121,8 @@ def _refuse_to_replace_a_run(out: Path, overwrite: bool) -> None:
             f"{out} already holds a run ({', '.join(found)}); continue it with --resume, "
             "start over in it with --overwrite, or pick another --out"
         )
-    # Starting over: the old run's summary and best weights must not sit beside the new run's if it stops early.
-    (out / "summary.json").unlink(missing_ok=True)
-    for name in ("best.json", "model.safetensors", "preprocess.json", "config.json"):
-        (out / "best" / name).unlink(missing_ok=True)
+    # With --overwrite nothing is removed here: `fit` clears the old run's summary and best weights only once the
+    # new run's model and data are built, so a mistyped model or data path costs nothing.
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     base, resume = None, None
     if args.resume:
         out = flags.get("out") or settings.get("out") or recipe.get("out") or TrainConfig.out
+        if not isinstance(out, (str, os.PathLike)):
+            raise ValueError(f"out must be a folder path, got {out!r}")
         resume = out if args.resume is True else args.resume
         state, state_path = load_state(resume)
         base = dict(state["config"])
