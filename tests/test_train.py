@@ -321,6 +321,15 @@ def test_exponent_only_numbers_are_numbers_in_recipes_and_flags(tmp_path):
     assert build_config(load_recipe(recipe)).model_args == {}
 
 
+
+def test_a_home_relative_data_path_is_expanded(tmp_path, monkeypatch, fake_fmnist):
+    # `--data imagefolder:~/x` reaches the program with its `~` (the shell expands only a word's first character),
+    # and a recipe's paths are never expanded by a shell
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(fake_fmnist, tmp_path / "fm")
+    assert cvt.data.parse_data("imagefolder:~/pets") == ("imagefolder", str(tmp_path / "pets"))
+    assert cvt.data.find_fashion_mnist("~/fm") == tmp_path / "fm"
+
 # ---------------------------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

@@ -103,7 +103,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
     """The folder holding the four Fashion-MNIST files: `data_dir`, else Debian's /usr/share/datasets/fashion-mnist."""
-    folder = Path(data_dir) if data_dir else FASHION_MNIST_DIR
+    folder = Path(data_dir).expanduser() if data_dir else FASHION_MNIST_DIR
     names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
     missing = [n for n in names if not (folder / n).exists() and not (folder / n[:-3]).exists()]
     if missing:
@@ -457,7 +457,8 @@ def parse_data(spec: str) -> tuple[str, str | None]:
     if spec == "fashion-mnist":
         return "fashion-mnist", None
     if spec.startswith("imagefolder:") and len(spec) > len("imagefolder:"):
-        return "imagefolder", spec[len("imagefolder:"):]
+        # `~` after the colon is not expanded by the shell (nor in a recipe); torchvision's folders expand it too
+        return "imagefolder", os.path.expanduser(spec[len("imagefolder:"):])
     raise ValueError(f"--data must be 'fashion-mnist' or 'imagefolder:PATH' (PATH/train/<class>/*), got {spec!r}")
 
 
