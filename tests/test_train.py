@@ -329,6 +329,13 @@ def test_a_home_relative_data_path_is_expanded(tmp_path, monkeypatch, fake_fmnis
     shutil.copytree(fake_fmnist, tmp_path / "fm")
     assert cvt.data.parse_data("imagefolder:~/pets") == ("imagefolder", str(tmp_path / "pets"))
     assert cvt.data.find_fashion_mnist("~/fm") == tmp_path / "fm"
+    from cvt.recipe import build_config
+
+    cfg = build_config({"out": "~/runs/a", "data_dir": "~/fm", "pretrained": "~/w.safetensors"})
+    assert (cfg.out, cfg.data_dir, cfg.pretrained) == tuple(str(tmp_path / p) for p in ("runs/a", "fm", "w.safetensors"))
+    model = cvt.create_model("cvt_tiny", **TINY_ARGS)
+    cvt.save_weights(model.state_dict(), model.cfg, tmp_path / "w.safetensors")
+    assert cvt.read_checkpoint("~/w.safetensors").path == str(tmp_path / "w.safetensors")
 
 # ---------------------------------------------------------------------------------------------------------------
 def _free_port() -> int:

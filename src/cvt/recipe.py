@@ -95,6 +95,9 @@ class TrainConfig:
         for name in ("pretrained", "data_dir", "out"):  # a Path from Python code; recipe.yaml stores text
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
+            if isinstance(getattr(self, name), str) and getattr(self, name).startswith("~"):
+                # no shell expands a recipe's `~/runs` (nor `--set out=~/runs`): it would be a folder named `~`
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
         self.validate()
 
     # ---------------------------------------------------------------------------------------------------------

@@ -356,7 +356,7 @@ def read_checkpoint(spec: str | os.PathLike) -> Checkpoint:
     """Read any supported checkpoint from a local file or folder into our key layout."""
     if spec is True or _looks_like_a_hub_name(spec):
         raise CheckpointError(_hub_hint(spec))
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     config = class_names = None
