@@ -195,6 +195,8 @@ def test_bad_drop_path_rate_is_a_value_error(rate):
     ("model_args.embed_dims=[32, 63, 128]", ["embed_dims[1]=63 is not divisible by num_heads[1]=2"]),
     ("model_args.drop_path_rate=high", ["drop_path_rate must be a number"]),
     ("model_args.depht=[1, 1, 1]", ["unknown CvT config field(s) depht"]),
+    ("model_args.mlp_ratio=yes", ["mlp_ratio must be a positive number, got True"]),  # was: accepted as 1
+    ("model_args.attn_drop_rate=false", ["attn_drop_rate must be in [0, 1), got False"]),  # was: accepted as 0
     ("randaugment=rand-foo", ["randaugment 'rand-foo': cannot read 'foo'"]),
     ("compile=maybe", ["compile must be true or false, got 'maybe'"]),  # was: compile on ('maybe' is truthy)
     ("strict_data=1", ["strict_data must be true or false, got 1"]),

@@ -128,13 +128,13 @@ class CvTConfig:
             )
         if self.kernel_qkv % 2 == 0:
             raise ValueError(f"kernel_qkv must be odd (padding is kernel // 2), got {self.kernel_qkv}")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+        if not _is_int(self.num_classes) or self.num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier), got {self.num_classes!r}")
-        if not (isinstance(self.mlp_ratio, (int, float)) and math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
+        if not (_is_number(self.mlp_ratio) and self.mlp_ratio > 0):
             raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
         for name in ("drop_rate", "attn_drop_rate"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+            if not (_is_number(v) and 0.0 <= v < 1.0):
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
         if any(not 0.0 <= r < 1.0 for r in self.drop_path_rate):
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
