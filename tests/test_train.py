@@ -332,7 +332,8 @@ def test_a_home_relative_data_path_is_expanded(tmp_path, monkeypatch, fake_fmnis
     from cvt.recipe import build_config
 
     cfg = build_config({"out": "~/runs/a", "data_dir": "~/fm", "pretrained": "~/w.safetensors"})
-    assert (cfg.out, cfg.data_dir, cfg.pretrained) == tuple(str(tmp_path / p) for p in ("runs/a", "fm", "w.safetensors"))
+    expanded = tuple(str(tmp_path / p) for p in ("runs/a", "fm", "w.safetensors"))
+    assert (cfg.out, cfg.data_dir, cfg.pretrained) == expanded
     model = cvt.create_model("cvt_tiny", **TINY_ARGS)
     cvt.save_weights(model.state_dict(), model.cfg, tmp_path / "w.safetensors")
     assert cvt.read_checkpoint("~/w.safetensors").path == str(tmp_path / "w.safetensors")

@@ -191,7 +191,7 @@ def check_randaugment(spec: str) -> None:
 
     parts = spec.split("-")
     if parts[0] != "rand":
-        raise ValueError(f"randaugment must start with 'rand' (e.g. 'rand-m9-mstd0.5-inc1'), got {spec!r}")
+        raise ValueError(f"randaugment must start with 'rand' (e.g. 'rand-m9-mstd0.5-inc1'; null: off), got {spec!r}")
     grammar = ", ".join(h.split(":")[0] for *_, h in _RANDAUGMENT_PARTS.values()) + f", t<{'|'.join(_RANDAUGMENT_SETS)}>"
     for part in parts[1:]:
         if part.startswith("t"):
