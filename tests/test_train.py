@@ -321,7 +321,6 @@ def test_exponent_only_numbers_are_numbers_in_recipes_and_flags(tmp_path):
     assert build_config(load_recipe(recipe)).model_args == {}
 
 
-
 def test_a_home_relative_data_path_is_expanded(tmp_path, monkeypatch, fake_fmnist):
     # `--data imagefolder:~/x` reaches the program with its `~` (the shell expands only a word's first character),
     # and a recipe's paths are never expanded by a shell
@@ -337,6 +336,7 @@ def test_a_home_relative_data_path_is_expanded(tmp_path, monkeypatch, fake_fmnis
     model = cvt.create_model("cvt_tiny", **TINY_ARGS)
     cvt.save_weights(model.state_dict(), model.cfg, tmp_path / "w.safetensors")
     assert cvt.read_checkpoint("~/w.safetensors").path == str(tmp_path / "w.safetensors")
+
 
 # ---------------------------------------------------------------------------------------------------------------
 def _free_port() -> int:
