@@ -35,6 +35,7 @@ def test_every_figure_is_there_and_positive(result):
         row = result["infer"][batch]
         for impl in ("ours", "hf"):
             assert row[impl]["images_per_s"] > 0
+            assert row[impl]["page_faults_per_call"] >= 0 and row[impl]["kernel_s_per_call"] >= 0
         assert row["speedup_vs_hf"] > 0 and row["ours"]["fraction_of_matmul"] > 0
     train = result["train"]["2"]
     assert train["ours"]["images_per_s"] > 0 and train["hf"]["images_per_s"] > 0 and train["speedup_vs_hf"] > 0
@@ -59,6 +60,30 @@ def test_markdown_section_replaces_itself_and_keeps_notes(result, tmp_path):
     content = path.read_text()
     assert "hand-written notes" in content and "second run" in content and "another setting" in content
     assert "cvt (ours)" not in content and content.count("<!-- bench:k -->") == 1
+
+
+def test_cpu_sections_name_the_cpu():
+    from cvt.bench import cpu_tag, section_key
+
+    assert cpu_tag("AMD EPYC 9R14 96-Core Processor") == "amd-epyc"
+    assert cpu_tag("Intel(R) Xeon(R) Processor") == "intel-xeon" and cpu_tag("") == "cpu"
+    cfg = dict(model="cvt_13", img_size=224, device="cuda:1", dtype="bf16", train_batch=64,
+               tasks=("infer", "train", "memory", "matmul"))
+    assert section_key(cfg) == "cvt_13-224-cuda-bf16-b64"  # a GPU's section as before
+    assert section_key(dict(cfg, device="cpu", dtype="fp32")).startswith("cvt_13-224-cpu-")
+
+
+def test_allocator_settings_are_recorded_and_get_their_own_section(result, monkeypatch):
+    from cvt.bench import allocator_env, section_key
+
+    for k in list(allocator_env()):
+        monkeypatch.delenv(k)
+    assert "allocator: the system's defaults" in to_markdown(result)
+    default = section_key(result["config"])
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    assert section_key(result["config"]) == default + "-malloc-env"  # does not replace the default run's section
+    tuned = dict(result, machine=dict(result["machine"], allocator_env=allocator_env()))
+    assert "allocator: `MALLOC_MMAP_MAX_=0`" in to_markdown(tuned)
 
 
 def test_cli_writes_json(tmp_path):

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+try:
+    import resource  # Unix only
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +144,22 @@ def _autocast(device: torch.device, dtype: str):
 
 def time_per_call(fn: Callable[[], Any], device: torch.device, min_time: float) -> float:
     """Seconds per call of `fn` (already warm): repeated until `min_time` has passed, at least once."""
+    return _per_call(fn, device, min_time)[0]
+
+
+def _os_counters() -> tuple[float, float]:
+    """(minor page faults, seconds of kernel CPU time) of this process so far; zeros where `resource` is missing."""
+    if resource is None:
+        return 0.0, 0.0
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return float(r.ru_minflt), r.ru_stime
+
+
+def _per_call(fn: Callable[[], Any], device: torch.device, min_time: float) -> tuple[float, float, float]:
+    """`time_per_call`, with the minor page faults and the kernel CPU seconds per call: each page a tensor gets
+    fresh from the kernel is a fault, zero-filled in kernel time (PyTorch has no caching allocator for CPU
+    tensors, so that is how allocation shows)."""
+    faults0, kernel0 = _os_counters()
     n, start = 0, time.perf_counter()
     while True:
         fn()
@@ -145,7 +167,8 @@ def time_per_call(fn: Callable[[], Any], device: torch.device, min_time: float) 
         _sync(device)
         elapsed = time.perf_counter() - start
         if elapsed >= min_time:
-            return elapsed / n
+            faults1, kernel1 = _os_counters()
+            return elapsed / n, (faults1 - faults0) / n, (kernel1 - kernel0) / n
 
 
 def _first_call(fn: Callable[[], Any], device: torch.device) -> float:
@@ -159,18 +182,24 @@ def interleaved(
     calls: dict[str, Callable[[], Any]], device: torch.device, rounds: int, min_time: float
 ) -> dict[str, dict[str, Any]]:
     """Time each call in turn, round after round (A B A B ...). Per name: seconds per call of every round, the
-    median, and the duration of the first (warm-up) call."""
+    median, the duration of the first (warm-up) call, and the medians of the page faults and kernel seconds per
+    call."""
     first = {name: _first_call(fn, device) for name, fn in calls.items()}
     for fn in calls.values():  # a second warm-up: allocator and kernel caches settle after the first
         fn()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
-            samples[name].append(time_per_call(fn, device, min_time))
+            samples[name].append(_per_call(fn, device, min_time))
     _sync(device)
-    return {
-        name: dict(seconds=statistics.median(s), samples=s, first_call_s=first[name]) for name, s in samples.items()
-    }
+    out = {}
+    for name, rows in samples.items():
+        seconds, faults, kernel = (list(column) for column in zip(*rows))
+        out[name] = dict(
+            seconds=statistics.median(seconds), samples=seconds, first_call_s=first[name],
+            page_faults_per_call=statistics.median(faults), kernel_s_per_call=statistics.median(kernel),
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,9 +216,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Environment variables that change how memory is allocated, inherited by the memory workers. CPU tensors have no
+# caching allocator in PyTorch, so glibc's settings decide how often large ones are faulted in fresh from the
+# kernel: with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647` freed memory is reused instead
+# (RESULTS.md: the port's CPU times move most).
+ALLOCATOR_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
+
+
+def allocator_env() -> dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ALLOCATOR_ENV_PREFIXES)}
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = dict(
         cpu=_cpu_model(),
+        allocator_env=allocator_env(),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         platform=platform.platform(),
@@ -459,6 +500,8 @@ def _summarise(t: dict[str, dict[str, Any]], batch: int) -> dict[str, Any]:
             seconds_per_call=r["seconds"],
             samples_s=r["samples"],
             first_call_s=r["first_call_s"],
+            page_faults_per_call=r["page_faults_per_call"],
+            kernel_s_per_call=r["kernel_s_per_call"],
         )
         if name == "ours_compiled":
             row[name]["compile_s"] = r["first_call_s"] - r["seconds"]
@@ -538,6 +581,9 @@ def to_markdown(r: dict) -> str:
         f"onnxruntime {m['onnxruntime']}, cvt {m['cvt']}",
         f"- load average at start / end: {_load(m.get('load_average'))} / {_load(m.get('load_average_end'))}",
         f"- command: `{r.get('command') or 'run_benchmark(...)'}`",
+        "- allocator: "
+        + (" ".join(f"`{k}={v}`" for k, v in m["allocator_env"].items()) if m.get("allocator_env")
+           else "the system's defaults"),
         f"- {c['rounds']} round(s), implementations alternating within each; medians; ratios are medians of the "
         "per-round ratios",
     ]
@@ -546,6 +592,7 @@ def to_markdown(r: dict) -> str:
     lines.append(f"- our forward: {r['model']['macs_per_image'] / 1e9:.2f} GMACs per image, {r['model']['params']:,} parameters")
     lines.append("")
     rows = []
+    cpu = c["device"] == "cpu"
     for task, label in (("infer", "inference"), ("train", "training step")):
         for batch, row in r.get(task, {}).items():
             for name in ("ours", "hf", "ours_compiled"):
@@ -561,9 +608,19 @@ def to_markdown(r: dict) -> str:
                     if "compiled_speedup_vs_hf" in row:
                         note.append(f"**{row['compiled_speedup_vs_hf']:.2f}x** the port")
                     note.append(f"{row['compiled_speedup_vs_eager']:.2f}x eager, compile {e['compile_s']:.0f} s")
-                rows.append(f"| {label} | {batch} | {_NAMES[name]} | {e['images_per_s']:.2f} | {'; '.join(note)} |")
+                kernel = (
+                    f" {e['page_faults_per_call']:,.0f} / {e['kernel_s_per_call']:.2f} s |"
+                    if cpu and "page_faults_per_call" in e else (" |" if cpu else "")
+                )
+                rows.append(
+                    f"| {label} | {batch} | {_NAMES[name]} | {e['images_per_s']:.2f} |{kernel} {'; '.join(note)} |"
+                )
     if rows:
-        lines += ["| measurement | batch | implementation | images/s | notes |", "|---|---|---|---|---|", *rows, ""]
+        if cpu:  # where allocation costs show on a CPU: pages faulted in fresh, zero-filled in kernel time
+            lines += ["| measurement | batch | implementation | images/s | page faults / kernel time per call | notes |",
+                      "|---|---|---|---|---|---|", *rows, ""]
+        else:
+            lines += ["| measurement | batch | implementation | images/s | notes |", "|---|---|---|---|---|", *rows, ""]
     if "matmul" in r:
         mm = r["matmul"]
         lines.append(
@@ -632,11 +689,24 @@ def write_markdown_section(path: str | os.PathLike, key: str, text: str) -> None
     _atomic_write(Path(path), lambda p: p.write_text(new))  # the hand-written notes survive a crash mid-write
 
 
+def cpu_tag(cpu: str) -> str:
+    """A short name for a CPU model: "AMD EPYC 9R14 96-Core Processor" -> "amd-epyc", "Intel(R) Xeon(R)
+    Processor" -> "intel-xeon"."""
+    words = [w for w in re.sub(r"\((R|TM)\)", " ", cpu, flags=re.IGNORECASE).split() if w.isalpha()]
+    return "-".join(w.lower() for w in words[:2]) or "cpu"
+
+
 def section_key(cfg: dict) -> str:
-    """A name for one benchmark setting, so a rerun replaces its own section of RESULTS.md."""
-    parts = [cfg["model"], str(cfg["img_size"]), cfg["device"].split(":")[0], cfg["dtype"], f"b{cfg['train_batch']}"]
+    """A name for one benchmark setting on this kind of machine, so a rerun replaces its own section of RESULTS.md
+    (CPU runs name the CPU: this project's machines have been AMD and Intel ones, whose figures differ)."""
+    device = cfg["device"].split(":")[0]
+    if device == "cpu":
+        device = f"cpu-{cpu_tag(_cpu_model())}"
+    parts = [cfg["model"], str(cfg["img_size"]), device, cfg["dtype"], f"b{cfg['train_batch']}"]
     if cfg.get("grad_checkpointing"):
         parts.append("gc")
+    if allocator_env():
+        parts.append("malloc-env")  # a run with a tuned allocator does not replace the default one
     if cfg.get("compile"):
         mode = cfg.get("compile_mode", "default")
         parts.append("compile" if mode == "default" else f"compile={mode}")
