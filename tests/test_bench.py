@@ -73,6 +73,21 @@ def test_cpu_sections_name_the_cpu():
     assert section_key(dict(cfg, device="cpu", dtype="fp32")).startswith("cvt_13-224-cpu-")
 
 
+def test_page_faults_of_a_call_are_counted():
+    import torch
+
+    from cvt import bench
+
+    if bench.resource is None:
+        pytest.skip("no resource module (Windows)")
+    # 64 MB, above glibc's largest mmap threshold: every call gets its 16,384 pages fresh from the kernel
+    seconds, faults, kernel = bench._per_call(lambda: torch.ones(16 << 20), torch.device("cpu"), 0.0)
+    assert seconds > 0 and kernel >= 0
+    assert faults > 10_000 or bench.allocator_env()  # a tuned allocator (MALLOC_MMAP_MAX_=0) may reuse them
+    _, few, _ = bench._per_call(lambda: torch.ones(16), torch.device("cpu"), 0.0)
+    assert few < 100
+
+
 def test_allocator_settings_are_recorded_and_get_their_own_section(result, monkeypatch):
     from cvt.bench import allocator_env, section_key
 
