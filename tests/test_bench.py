@@ -71,6 +71,9 @@ def test_cpu_sections_name_the_cpu():
                tasks=("infer", "train", "memory", "matmul"))
     assert section_key(cfg) == "cvt_13-224-cuda-bf16-b64"  # a GPU's section as before
     assert section_key(dict(cfg, device="cpu", dtype="fp32")).startswith("cvt_13-224-cpu-")
+    # a saved result is keyed by the machine it ran on, not the one reading it
+    amd = {"cpu": "AMD EPYC 9R14 96-Core Processor", "allocator_env": {"MALLOC_MMAP_MAX_": "0"}}
+    assert section_key(dict(cfg, device="cpu", dtype="fp32"), amd) == "cvt_13-224-cpu-amd-epyc-fp32-b64-malloc-env"
 
 
 def test_page_faults_of_a_call_are_counted():

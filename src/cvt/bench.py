@@ -608,19 +608,17 @@ def to_markdown(r: dict) -> str:
                     if "compiled_speedup_vs_hf" in row:
                         note.append(f"**{row['compiled_speedup_vs_hf']:.2f}x** the port")
                     note.append(f"{row['compiled_speedup_vs_eager']:.2f}x eager, compile {e['compile_s']:.0f} s")
-                kernel = (
-                    f" {e['page_faults_per_call']:,.0f} / {e['kernel_s_per_call']:.2f} s |"
-                    if cpu and "page_faults_per_call" in e else (" |" if cpu else "")
-                )
-                rows.append(
-                    f"| {label} | {batch} | {_NAMES[name]} | {e['images_per_s']:.2f} |{kernel} {'; '.join(note)} |"
-                )
+                cells = [label, batch, _NAMES[name], f"{e['images_per_s']:.2f}"]
+                if cpu:  # results from before the fault counter have an empty cell
+                    faults = e.get("page_faults_per_call")
+                    cells.append("" if faults is None else f"{faults:,.0f} / {e['kernel_s_per_call']:.2f} s")
+                rows.append("| " + " | ".join(map(str, [*cells, "; ".join(note)])) + " |")
     if rows:
-        if cpu:  # where allocation costs show on a CPU: pages faulted in fresh, zero-filled in kernel time
-            lines += ["| measurement | batch | implementation | images/s | page faults / kernel time per call | notes |",
-                      "|---|---|---|---|---|---|", *rows, ""]
-        else:
-            lines += ["| measurement | batch | implementation | images/s | notes |", "|---|---|---|---|---|", *rows, ""]
+        # where allocation costs show on a CPU: pages faulted in fresh, zero-filled in kernel time
+        header = ["measurement", "batch", "implementation", "images/s"]
+        header += ["page faults / kernel time per call"] if cpu else []
+        header.append("notes")
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows, ""]
     if "matmul" in r:
         mm = r["matmul"]
         lines.append(
@@ -696,16 +694,18 @@ def cpu_tag(cpu: str) -> str:
     return "-".join(w.lower() for w in words[:2]) or "cpu"
 
 
-def section_key(cfg: dict) -> str:
-    """A name for one benchmark setting on this kind of machine, so a rerun replaces its own section of RESULTS.md
-    (CPU runs name the CPU: this project's machines have been AMD and Intel ones, whose figures differ)."""
+def section_key(cfg: dict, machine: dict | None = None) -> str:
+    """A name for one benchmark setting on one kind of machine, so a rerun replaces its own section of RESULTS.md
+    (CPU runs name the CPU: this project's machines have been AMD and Intel ones, whose figures differ). `machine`
+    is a result's `machine_info`; without it, this machine and environment (before a run)."""
+    machine = machine if machine is not None else dict(cpu=_cpu_model(), allocator_env=allocator_env())
     device = cfg["device"].split(":")[0]
     if device == "cpu":
-        device = f"cpu-{cpu_tag(_cpu_model())}"
+        device = f"cpu-{cpu_tag(machine['cpu'])}"
     parts = [cfg["model"], str(cfg["img_size"]), device, cfg["dtype"], f"b{cfg['train_batch']}"]
     if cfg.get("grad_checkpointing"):
         parts.append("gc")
-    if allocator_env():
+    if machine.get("allocator_env"):
         parts.append("malloc-env")  # a run with a tuned allocator does not replace the default one
     if cfg.get("compile"):
         mode = cfg.get("compile_mode", "default")

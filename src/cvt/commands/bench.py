@@ -92,6 +92,6 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         _atomic_write(args.json, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
         print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown is not None:
-        write_markdown_section(args.markdown, section_key(result["config"]), text)
+        write_markdown_section(args.markdown, section_key(result["config"], result["machine"]), text)
         print(f"updated {args.markdown}", file=sys.stderr)
     return 0
