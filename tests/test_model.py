@@ -226,6 +226,26 @@ def test_bf16_autocast_forward_is_finite():
     assert torch.isfinite(out.float()).all()
 
 
+def test_training_forward_compiles_as_one_graph(monkeypatch):
+    """torch.compile traces the training forward (drop path on) as one graph, reading no ContextVar: before torch
+    2.14 such a read broke the graph, and on an H200 (torch 2.11) the break split every block and recompiled it per
+    drop-path rate until the limit, then crashed Inductor (benchmarks/GPU_NOTES.md)."""
+    import cvt.model
+
+    class Unreadable:
+        def get(self):
+            raise AssertionError("a ContextVar was read while compiling")
+
+    monkeypatch.setattr(cvt.model, "_RECOMPUTING", Unreadable())
+    monkeypatch.setattr(cvt.model, "_CHECKPOINTED", Unreadable())
+    monkeypatch.setattr(cvt.model, "_RECOMPUTE_MIN_NUMEL", 0)  # the MLP's recomputation check is reached too
+    torch._dynamo.reset()
+    model = cvt.create_model("cvt_13", depths=(1, 1, 2), drop_path_rate=0.1, num_classes=3).train()
+    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
 # ---- bad input ----------------------------------------------------------------------------------------------
 def test_wrong_channels_too_small_wrong_rank():
     model = cvt.create_model("cvt_13", depths=(1, 1, 1))

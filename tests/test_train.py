@@ -251,7 +251,7 @@ def test_compile_flag_and_mode_reach_torch_compile(tmp_path, fake_fmnist, monkey
     monkeypatch.setattr(torch, "compile", fake_compile)
     rc = main(["train", *TINY, "--data-dir", str(fake_fmnist), "--batch-size", "16", "--epochs", "1", "--compile",
                "--set", "compile_mode=reduce-overhead", "--out", str(tmp_path / "c")])
-    assert rc == 0 and calls == [{"mode": "reduce-overhead"}]
+    assert rc == 0 and calls == [{"mode": "reduce-overhead", "dynamic": False}]
 
 
 def test_finetune_pretrained_new_head_and_size(tmp_path, trained, fake_fmnist):

@@ -278,9 +278,12 @@ def _train_step_fn(model: nn.Module, device: torch.device, dtype: str, batch: in
     model.train()
 
     def step() -> None:
+        # Gradients cleared before the forward, as a training loop does: under CUDA graphs (torch.compile's
+        # "reduce-overhead") the last step's gradients live in the graphs' memory pool, and must be gone before
+        # the next forward is replayed into it.
+        opt.zero_grad(set_to_none=True)
         with _autocast(device, dtype):
             loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
@@ -391,7 +394,7 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
 
     compiled = None
     if cfg.compile and "ours" in models:
-        compiled = torch.compile(ours, mode=cfg.compile_mode)
+        compiled = torch.compile(ours, mode=cfg.compile_mode, dynamic=False)
 
     # The matmul runs as one more contestant in every alternation, so its rate is measured under the same
     # conditions as the model it is compared with.
@@ -448,7 +451,7 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
             train_models[name] = tm
             calls[name] = _train_step_fn(tm, device, cfg.dtype, cfg.train_batch, cfg.img_size, cfg.seed)
         if compiled is not None:
-            tm = torch.compile(_clone_for_training(ours, device), mode=cfg.compile_mode)
+            tm = torch.compile(_clone_for_training(ours, device), mode=cfg.compile_mode, dynamic=False)
             calls["ours_compiled"] = _train_step_fn(tm, device, cfg.dtype, cfg.train_batch, cfg.img_size, cfg.seed)
         log(f"training step, batch {cfg.train_batch}: {cfg.rounds} round(s) of {', '.join(calls)}")
         row, t, mm = alternate(calls, cfg.train_batch)

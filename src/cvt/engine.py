@@ -690,7 +690,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
         model.set_sync_batchnorm(cfg.sync_bn)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        net = torch.compile(net, mode=cfg.compile_mode)
+        # Static shapes (every batch has the same size): a dynamic batch dimension is slower code, and crashed torch
+        # 2.11's Inductor in a CvT backward on the H200 (benchmarks/GPU_NOTES.md).
+        net = torch.compile(net, mode=cfg.compile_mode, dynamic=False)
     train_tf = BatchTransform(pre, train=True, shift=cfg.shift if data.native_size else 0,
                               hflip=cfg.hflip if data.native_size else 0.0, reprob=cfg.reprob)
     eval_tf = BatchTransform(pre)

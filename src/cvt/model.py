@@ -363,7 +363,9 @@ class ConvProjection(nn.Module):
             x = F.conv2d(x, weight, bias, conv.stride, conv.padding, groups=conv.groups)
         else:
             x = conv(x)
-            recomputing = _RECOMPUTING.get()
+            # Compiled, the forward is traced once and its BatchNorm updates happen once whatever recomputes; and
+            # reading a ContextVar breaks the graph in torch.compile before 2.14 (pytorch/pytorch#186449).
+            recomputing = not torch.compiler.is_compiling() and _RECOMPUTING.get()
             if not recomputing:
                 bn.num_batches_tracked.add_(1)
             # momentum 0 keeps running stats unchanged during a checkpoint recomputation
@@ -512,8 +514,8 @@ class Mlp(nn.Module):
             h.numel() >= _RECOMPUTE_MIN_NUMEL
             and torch.is_grad_enabled()
             and not (self.training and self.drop.p > 0)
-            and not _CHECKPOINTED.get()
             and not torch.compiler.is_compiling()  # the compiler decides for itself what to recompute
+            and not _CHECKPOINTED.get()  # (after it: a ContextVar read breaks the graph in older torch.compile)
         ):
             return self.drop(_linear_of_recomputed(fc2, self.act.kernel, h))
         return self.drop(fc2(self.drop(self.act.kernel(h))))
