@@ -227,9 +227,9 @@ def test_bf16_autocast_forward_is_finite():
 
 
 def test_training_forward_compiles_as_one_graph(monkeypatch):
-    """torch.compile traces the training forward (drop path on) as one graph, reading no ContextVar: before torch
-    2.14 such a read broke the graph, and on an H200 (torch 2.11) the break split every block and recompiled it per
-    drop-path rate until the limit, then crashed Inductor (benchmarks/GPU_NOTES.md)."""
+    """torch.compile traces the training forward (drop path on, no gradient checkpointing) as one graph, reading no
+    ContextVar: before torch 2.14 such a read broke the graph, and on an H200 (torch 2.11) the break split every
+    block and recompiled it per drop-path rate until the limit, then crashed Inductor (benchmarks/GPU_NOTES.md)."""
     import cvt.model
 
     class Unreadable:
@@ -244,6 +244,24 @@ def test_training_forward_compiles_as_one_graph(monkeypatch):
     explained = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
     torch._dynamo.reset()
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_compiled_grad_checkpointing_same_grads_and_statistics():
+    """torch.compile of a model under gradient checkpointing (it once refused our checkpoint contexts): the same
+    gradients, and BatchNorm's running statistics updated once, as without checkpointing."""
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_13", depths=(1, 1, 2), num_classes=3).train()
+    plain = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    plain(x).square().sum().backward()
+    model.set_grad_checkpointing(True)
+    torch._dynamo.reset()
+    torch.compile(model, backend="aot_eager", dynamic=False)(x).square().sum().backward()
+    torch._dynamo.reset()
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    for (name, a), b in zip(plain.named_parameters(), model.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-4), name
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------

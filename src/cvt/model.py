@@ -347,6 +347,9 @@ class ConvProjection(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
         # Training under DDP: normalise with the statistics of all processes' batches (`CvT.set_sync_batchnorm`).
         self.sync_bn = False
+        # In a block under gradient checkpointing (set by `Stage.grad_checkpointing`): only then can a forward be a
+        # recomputation, so only then is the ContextVar read, which breaks the graph in torch.compile before 2.14.
+        self.checkpointed = False
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Conv weight and bias equal to conv followed by eval-mode BatchNorm."""
@@ -363,9 +366,7 @@ class ConvProjection(nn.Module):
             x = F.conv2d(x, weight, bias, conv.stride, conv.padding, groups=conv.groups)
         else:
             x = conv(x)
-            # Compiled, the forward is traced once and its BatchNorm updates happen once whatever recomputes; and
-            # reading a ContextVar breaks the graph in torch.compile before 2.14 (pytorch/pytorch#186449).
-            recomputing = not torch.compiler.is_compiling() and _RECOMPUTING.get()
+            recomputing = self.checkpointed and _RECOMPUTING.get()
             if not recomputing:
                 bn.num_batches_tracked.add_(1)
             # momentum 0 keeps running stats unchanged during a checkpoint recomputation
@@ -464,6 +465,7 @@ class Mlp(nn.Module):
         self.act = _make_act(act)
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
+        self.checkpointed = False  # as ConvProjection's
 
     def plain(self) -> bool:
         """fc1, act and fc2 are as built, so the fused path below may read their weights and kernel; otherwise
@@ -514,8 +516,8 @@ class Mlp(nn.Module):
             h.numel() >= _RECOMPUTE_MIN_NUMEL
             and torch.is_grad_enabled()
             and not (self.training and self.drop.p > 0)
+            and not (self.checkpointed and _CHECKPOINTED.get())
             and not torch.compiler.is_compiling()  # the compiler decides for itself what to recompute
-            and not _CHECKPOINTED.get()  # (after it: a ContextVar read breaks the graph in older torch.compile)
         ):
             return self.drop(_linear_of_recomputed(fc2, self.act.kernel, h))
         return self.drop(fc2(self.drop(self.act.kernel(h))))
@@ -569,6 +571,17 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, cfg.num_heads[index], r, cfg) for r in rates)
         self.grad_checkpointing = False
 
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self._grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        self._grad_checkpointing = enable
+        for m in self.blocks.modules():  # the layers that read the recomputation ContextVars, only when they may be set
+            if isinstance(m, (ConvProjection, Mlp)):
+                m.checkpointed = enable
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x, h, w = self.patch_embed(x)  # (B, H*W, C)
         has_cls = self.cls_token is not None
@@ -577,7 +590,10 @@ class Stage(nn.Module):
         x = self.pos_drop(x)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, h, w, has_cls, use_reentrant=False, context_fn=_checkpoint_contexts)
+                # Compiled, the recomputation is traced into the graph once and the contexts are not needed (and
+                # torch.compile accepts only selective-checkpoint contexts there).
+                contexts = {} if torch.compiler.is_compiling() else {"context_fn": _checkpoint_contexts}
+                x = checkpoint(block, x, h, w, has_cls, use_reentrant=False, **contexts)
             else:
                 x = block(x, h, w, has_cls)
         return x, h, w
