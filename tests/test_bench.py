@@ -142,12 +142,38 @@ def test_cli_passes_compile_mode_to_torch_compile(tmp_path, monkeypatch):
     assert "compile=reduce-overhead" in text  # its own section, beside a default-mode run's
 
 
+def test_compile_port_times_the_compiled_port_beside_ours(tmp_path, monkeypatch):
+    """--compile-port compiles the port as well: a fourth contestant, and ours compiled against it compiled."""
+    compiled = []
+
+    def fake_compile(model, mode=None, dynamic=None):
+        compiled.append(type(model).__name__)
+        return model
+
+    monkeypatch.setattr("cvt.bench.torch.compile", fake_compile)
+    out, md = tmp_path / "r.json", tmp_path / "R.md"
+    argv = ["bench", "--model", "cvt_small", "--img-size", "32", "--batch-sizes", "2", "--train-batch", "2",
+            "--rounds", "1", "--tasks", "infer,train", "--min-time", "0", "--threads", "1", "--compile",
+            "--compile-port", "--json", str(out), "--markdown", str(md)]
+    assert main(argv) == 0
+    assert sorted(compiled) == ["CvT", "CvT", "_Logits", "_Logits"]  # each for inference and a training copy
+    data = json.loads(out.read_text())
+    for task in ("infer", "train"):
+        row = data[task]["2"]
+        assert row["hf_compiled"]["images_per_s"] > 0 and "compile_s" in row["hf_compiled"]
+        assert row["compiled_speedup_vs_compiled_hf"] > 0 and row["compiled_hf_speedup_vs_hf"] > 0
+    text = md.read_text()
+    assert "transformers port + torch.compile" in text and "the compiled port" in text
+    assert "compile+port" in text  # its own section
+
+
 def test_cli_rejects_bad_options(capsys, monkeypatch):
     assert main(["bench", "--tasks", "infer,fly"]) == 2
     assert "unknown fly" in capsys.readouterr().err
     for argv, message in ((["--device", "foo"], "--device must be cpu, cuda or cuda:N, got 'foo'"),
                           (["--threads", "0"], "threads and the matmul size must be >= 1"),
-                          (["--matmul-size", "-1"], "threads and the matmul size must be >= 1")):
+                          (["--matmul-size", "-1"], "threads and the matmul size must be >= 1"),
+                          (["--compile-port"], "compile_port (--compile-port) needs compile (--compile)")):
         assert main(["bench", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -66,6 +66,7 @@ class BenchConfig:
     impls: tuple[str, ...] = IMPLS
     tasks: tuple[str, ...] = ("infer", "train", "memory", "matmul")
     compile: bool = False  # also time torch.compile(ours), with its compile time
+    compile_port: bool = False  # with `compile`: torch.compile the port as well, for a compiled-vs-compiled ratio
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" captures CUDA graphs on a GPU
     grad_checkpointing: bool = False  # ours only (the port has none): for the memory figures
     min_time: float = 1.0  # seconds per timed measurement: short calls repeat until they fill it
@@ -83,6 +84,8 @@ class BenchConfig:
             raise ValueError("rounds and batch sizes must be >= 1")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile_port and not self.compile:
+            raise ValueError("compile_port (--compile-port) needs compile (--compile)")
         if (self.threads is not None and self.threads < 1) or self.matmul_size < 1 or self.min_time < 0:
             raise ValueError("threads and the matmul size must be >= 1, the minimum time >= 0")
         from .engine import pick_device
@@ -392,9 +395,12 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
         result["max_abs_logit_diff"] = diff
         log(f"same weights, same function: max |logit diff| {diff:.2e}")
 
-    compiled = None
-    if cfg.compile and "ours" in models:
-        compiled = torch.compile(ours, mode=cfg.compile_mode, dynamic=False)
+    # The compiled contestants, "<impl>_compiled": ours, and the port too with `compile_port`.
+    compiled: dict[str, nn.Module] = {}
+    if cfg.compile:
+        for name in ("ours", "hf") if cfg.compile_port else ("ours",):
+            if name in models:
+                compiled[f"{name}_compiled"] = torch.compile(models[name], mode=cfg.compile_mode, dynamic=False)
 
     # The matmul runs as one more contestant in every alternation, so its rate is measured under the same
     # conditions as the model it is compared with.
@@ -427,7 +433,7 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
         for batch in cfg.infer_batches:
             x = torch.randn(batch, in_chans, cfg.img_size, cfg.img_size, generator=g).to(device)
             calls = {}
-            for name, m in list(models.items()) + ([("ours_compiled", compiled)] if compiled is not None else []):
+            for name, m in list(models.items()) + list(compiled.items()):
                 def call(m=m):
                     with torch.inference_mode(), _autocast(device, cfg.dtype):
                         return m(x)
@@ -450,9 +456,10 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
             tm = _clone_for_training(m, device)
             train_models[name] = tm
             calls[name] = _train_step_fn(tm, device, cfg.dtype, cfg.train_batch, cfg.img_size, cfg.seed)
-        if compiled is not None:
-            tm = torch.compile(_clone_for_training(ours, device), mode=cfg.compile_mode, dynamic=False)
-            calls["ours_compiled"] = _train_step_fn(tm, device, cfg.dtype, cfg.train_batch, cfg.img_size, cfg.seed)
+        for name in compiled:
+            tm = torch.compile(_clone_for_training(models[name.removesuffix("_compiled")], device),
+                               mode=cfg.compile_mode, dynamic=False)
+            calls[name] = _train_step_fn(tm, device, cfg.dtype, cfg.train_batch, cfg.img_size, cfg.seed)
         log(f"training step, batch {cfg.train_batch}: {cfg.rounds} round(s) of {', '.join(calls)}")
         row, t, mm = alternate(calls, cfg.train_batch)
         if mm is not None:
@@ -506,7 +513,7 @@ def _summarise(t: dict[str, dict[str, Any]], batch: int) -> dict[str, Any]:
             page_faults_per_call=r["page_faults_per_call"],
             kernel_s_per_call=r["kernel_s_per_call"],
         )
-        if name == "ours_compiled":
+        if name.endswith("_compiled"):
             row[name]["compile_s"] = r["first_call_s"] - r["seconds"]
     if "ours" in t and "hf" in t:
         row["speedup_vs_hf"] = _median_ratio(t["ours"]["samples"], t["hf"]["samples"])
@@ -514,6 +521,10 @@ def _summarise(t: dict[str, dict[str, Any]], batch: int) -> dict[str, Any]:
         row["compiled_speedup_vs_eager"] = _median_ratio(t["ours_compiled"]["samples"], t["ours"]["samples"])
     if "ours_compiled" in t and "hf" in t:
         row["compiled_speedup_vs_hf"] = _median_ratio(t["ours_compiled"]["samples"], t["hf"]["samples"])
+    if "ours_compiled" in t and "hf_compiled" in t:
+        row["compiled_speedup_vs_compiled_hf"] = _median_ratio(t["ours_compiled"]["samples"], t["hf_compiled"]["samples"])
+    if "hf_compiled" in t and "hf" in t:
+        row["compiled_hf_speedup_vs_hf"] = _median_ratio(t["hf_compiled"]["samples"], t["hf"]["samples"])
     return row
 
 
@@ -576,7 +587,8 @@ def to_markdown(r: dict) -> str:
     c, m = r["config"], r["machine"]
     lines = [
         f"### {c['model']}, {c['img_size']}x{c['img_size']}, {c['device']} {c['dtype']}"
-        + (f", torch.compile mode {c.get('compile_mode', 'default')}" if c.get("compile") else ""),
+        + (f", torch.compile mode {c.get('compile_mode', 'default')}" if c.get("compile") else "")
+        + (" (the port compiled too)" if c.get("compile_port") else ""),
         "",
         f"- machine: {m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads)"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
@@ -598,7 +610,7 @@ def to_markdown(r: dict) -> str:
     cpu = c["device"] == "cpu"
     for task, label in (("infer", "inference"), ("train", "training step")):
         for batch, row in r.get(task, {}).items():
-            for name in ("ours", "hf", "ours_compiled"):
+            for name in ("ours", "hf", "ours_compiled", "hf_compiled"):
                 if name not in row:
                     continue
                 e = row[name]
@@ -610,7 +622,11 @@ def to_markdown(r: dict) -> str:
                 if name == "ours_compiled":
                     if "compiled_speedup_vs_hf" in row:
                         note.append(f"**{row['compiled_speedup_vs_hf']:.2f}x** the port")
+                    if "compiled_speedup_vs_compiled_hf" in row:
+                        note.append(f"**{row['compiled_speedup_vs_compiled_hf']:.2f}x** the compiled port")
                     note.append(f"{row['compiled_speedup_vs_eager']:.2f}x eager, compile {e['compile_s']:.0f} s")
+                if name == "hf_compiled":
+                    note.append(f"{row['compiled_hf_speedup_vs_hf']:.2f}x eager, compile {e['compile_s']:.0f} s")
                 cells = [label, batch, _NAMES[name], f"{e['images_per_s']:.2f}"]
                 if cpu:  # results from before the fault counter have an empty cell
                     faults = e.get("page_faults_per_call")
@@ -665,7 +681,8 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-_NAMES = {"ours": "cvt (ours)", "hf": "transformers port", "ours_compiled": "cvt + torch.compile"}
+_NAMES = {"ours": "cvt (ours)", "hf": "transformers port", "ours_compiled": "cvt + torch.compile",
+          "hf_compiled": "transformers port + torch.compile"}
 
 
 def _load(v: Sequence[float] | None) -> str:
@@ -712,7 +729,7 @@ def section_key(cfg: dict, machine: dict | None = None) -> str:
         parts.append("malloc-env")  # a run with a tuned allocator does not replace the default one
     if cfg.get("compile"):
         mode = cfg.get("compile_mode", "default")
-        parts.append("compile" if mode == "default" else f"compile={mode}")
+        parts.append(("compile" if mode == "default" else f"compile={mode}") + ("+port" if cfg.get("compile_port") else ""))
     tasks = tuple(cfg.get("tasks", ()))
     if set(tasks) != {"infer", "train", "memory", "matmul"} | ({"onnx"} & set(tasks)):
         parts.append("+".join(tasks))  # a partial run gets its own section instead of replacing the full one

@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours), with its compile time")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                         help="torch.compile mode for --compile (reduce-overhead: CUDA graphs on a GPU)")
+    parser.add_argument("--compile-port", action="store_true",
+                        help="with --compile: compile the transformers port too (a compiled-vs-compiled ratio)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="ours with gradient checkpointing (memory)")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="side of the reference fp32/bf16 matmul (default 2048 on CPU, 8192 on GPU)")
@@ -71,6 +73,7 @@ def config_from_args(args: argparse.Namespace):
         tasks=tuple(tasks),
         compile=args.compile,
         compile_mode=args.compile_mode,
+        compile_port=args.compile_port,
         grad_checkpointing=args.grad_checkpointing,
         min_time=pick(args.min_time, 1.0, 0.3),
         # A GPU needs a large product to reach its rate (a 2048 one is launch- and wave-bound there).
