@@ -214,26 +214,26 @@ def test_a_run_folder_is_never_replaced_by_mistake(tmp_path, folder, capsys):
 # 2. A write killed half-way
 # ---------------------------------------------------------------------------------------------------------------
 def test_atomic_write_fsyncs_file_then_folder(tmp_path, monkeypatch):
-    from cvt.weights import _atomic_write
+    from cvt.utils import atomic_write
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
         "fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file"), real_fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
-    _atomic_write(tmp_path / "x.bin", lambda p: p.write_bytes(b"new"))
+    atomic_write(tmp_path / "x.bin", lambda p: p.write_bytes(b"new"))
     assert events == ["fsync file", "replace", "fsync folder"]
     assert (tmp_path / "x.bin").read_bytes() == b"new" and os.listdir(tmp_path) == ["x.bin"]
 
 
 def _killed_mid_write(path: str) -> None:
-    from cvt.weights import _atomic_write
+    from cvt.utils import atomic_write
 
     def half_then_die(tmp):  # as if SIGKILLed while torch.save was writing
         tmp.write_bytes(b"PK\x03\x04 half a checkpoint")
         os.kill(os.getpid(), signal.SIGKILL)
 
-    _atomic_write(Path(path), half_then_die)
+    atomic_write(Path(path), half_then_die)
 
 
 def test_write_killed_halfway_leaves_checkpoint_and_resume_cleans_up(tmp_path, folder):

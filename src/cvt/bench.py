@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .recipe import COMPILE_MODES
-from .weights import _atomic_write
+from .utils import atomic_write
 
 IMPLS = ("ours", "hf")
 TASKS = ("infer", "train", "memory", "matmul", "onnx")
@@ -707,7 +707,7 @@ def write_markdown_section(path: str | os.PathLike, key: str, text: str) -> None
         new = head + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         new = old.rstrip("\n") + "\n\n" + block
-    _atomic_write(Path(path), lambda p: p.write_text(new))  # the hand-written notes survive a crash mid-write
+    atomic_write(Path(path), lambda p: p.write_text(new))  # the hand-written notes survive a crash mid-write
 
 
 def cpu_tag(cpu: str) -> str:

@@ -15,7 +15,6 @@ import gzip
 import itertools
 import math
 import os
-import random
 import re
 import signal
 import struct
@@ -27,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .utils import mix_seed, seed_everything
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's package dataset-fashion-mnist
 FASHION_MNIST_FILES = {
@@ -260,7 +261,7 @@ class ImageFiles(Dataset):
         path, label = self.samples[index]
         if self.seed is not None:
             # Augmentation randomness is a function of (seed, epoch, index): the same whatever worker runs it.
-            seed_everything(_mix(self.seed, self.epoch, index))
+            seed_everything(mix_seed(self.seed, self.epoch, index))
         try:
             img = open_image(path, self.in_chans)
         except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable"
@@ -383,22 +384,6 @@ def _convert_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # Samplers and loaders
 # ---------------------------------------------------------------------------------------------------------------
-def _mix(*values: int) -> int:
-    """A deterministic 63-bit seed from integers (Python's hash() of tuples is not stable across versions)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = ((h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators (timm's augmentations draw from all three)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 class EpochBatches(Sampler):
     """This process's batches of one epoch: a shuffled shard (DistributedSampler, seeded by seed and epoch) cut
     into batches, optionally starting at batch `start` (a resumed epoch skips what it already did, unread)."""

@@ -42,10 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CvTConfig
-from .data import BatchTransform, Preprocess, _mix, build_data, data_info, parse_data, seed_everything, set_epoch
+from .data import BatchTransform, Preprocess, build_data, data_info, parse_data, set_epoch
 from .model import CvT, param_count
 from .recipe import TrainConfig, write_yaml
-from .weights import STATE_FORMAT, _atomic_write, save_weights
+from .utils import atomic_write, mix_seed, seed_everything, write_text
+from .weights import STATE_FORMAT, save_weights
 
 log = logging.getLogger("cvt.train")
 
@@ -283,7 +284,7 @@ def train_one_epoch(
             x = x.to(t.device, non_blocking=True)
             y = y.to(t.device, non_blocking=True)
             # Everything random in this micro-step (augmentation, mixup, drop path) follows from these numbers.
-            seed_everything(_mix(t.seed, epoch, step, micro, t.dist.rank))
+            seed_everything(mix_seed(t.seed, epoch, step, micro, t.dist.rank))
             x = t.transform(x)
             if t.mixup is not None:
                 if len(y) % 2:  # a skipped file left an odd batch; mixup mixes pairs
@@ -483,7 +484,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write the training state atomically (temporary file, fsync, rename): a reader sees old or new, never half."""
-    _atomic_write(path, lambda p: torch.save(state, p))
+    atomic_write(path, lambda p: torch.save(state, p))
 
 
 def load_state(spec: str | os.PathLike) -> tuple[dict[str, Any], Path]:
@@ -709,9 +710,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
             (out / "summary.json").unlink(missing_ok=True)
             for name in ("best.json", "model.safetensors", "preprocess.json", "config.json"):
                 (out / "best" / name).unlink(missing_ok=True)
-        _write_text(out / "recipe.yaml", write_yaml(cfg.to_dict()))
-        _write_text(out / "preprocess.json", json.dumps(pre.to_dict(), indent=2))
-        _write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        write_text(out / "recipe.yaml", write_yaml(cfg.to_dict()))
+        write_text(out / "preprocess.json", json.dumps(pre.to_dict(), indent=2))
+        write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         writer = _tensorboard(out)
         if writer is not None:
             cleanup.callback(writer.close)
@@ -801,8 +802,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
                     best_dir = out / "best"
                     best_dir.mkdir(exist_ok=True)
                     save_weights(eval_model.state_dict(), model.cfg, best_dir / "model.safetensors", class_names=classes)
-                    _write_text(best_dir / "preprocess.json", json.dumps(pre.to_dict(), indent=2))
-                    _write_text(best_dir / "best.json", json.dumps({"epoch": row["epoch"], "val_top1": row["val_top1"]}))
+                    write_text(best_dir / "preprocess.json", json.dumps(pre.to_dict(), indent=2))
+                    write_text(best_dir / "best.json", json.dumps({"epoch": row["epoch"], "val_top1": row["val_top1"]}))
                 save_state(out / CHECKPOINT, snapshot(epoch + 1, 0, wall_before + time.perf_counter() - wall_start))
             stop.saved()
 
@@ -824,7 +825,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progres
         "config": cfg.to_dict(),
     }
     if info.main:
-        _write_text(out / "summary.json", json.dumps(summary, indent=2))
+        write_text(out / "summary.json", json.dumps(summary, indent=2))
         from .plots import plot_confusion, plot_curves
 
         plot_curves(history, out / "curves.png")
@@ -845,10 +846,6 @@ def _best_weights(out: Path, best: dict | None) -> str | None:
         return None
     same = best is not None and saved == {"epoch": best["epoch"], "val_top1": best["val_top1"]}
     return str(out / "best") if same else None
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda p: p.write_text(text))
 
 
 def _append_line(path: Path, row: dict) -> None:

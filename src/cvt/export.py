@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .weights import _atomic_write
+from .utils import atomic_write
 
 FORMATS = ("onnx", "torchscript")
 
@@ -44,7 +44,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, 
             opset_version=opset,
             verbose=False,
         )
-    _atomic_write(path, lambda p: program.save(str(p), external_data=False))  # --force never leaves half a file
+    atomic_write(path, lambda p: program.save(str(p), external_data=False))  # --force never leaves half a file
     return path
 
 
@@ -55,7 +55,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, img_size: int 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, (_example(model, img_size),), check_trace=False)
-    _atomic_write(path, lambda p: traced.save(str(p)))
+    atomic_write(path, lambda p: traced.save(str(p)))
     return path
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .config import ACTIVATIONS, CvTConfig
+from .utils import atomic_write
 
 FORMATS = ("cvt", "hf", "authors")
 STATE_FORMAT = "cvt-training-state"  # the "format" entry of a run's checkpoint.pt (written by engine.py)
@@ -481,73 +482,6 @@ def load_into(model: nn.Module, ckpt: Checkpoint, *, backbone: bool = False) -> 
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync it, rename it over `path`, fsync the folder: a
-    reader, or a process killed at any instant (SIGKILL, power loss), finds the old file or the new one, never half.
-
-    The temporary file is `.NAME.tmpPID`; one that a killed writer left behind (its PID no longer running) is
-    removed after the next successful write of NAME, so interrupted runs do not pile up half-written checkpoints."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{_temp_prefix(path)}{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    # The rename lives in the folder's entry: until the folder is on disk, a crash can bring back the old file.
-    _fsync_dir(path.parent)
-    _remove_stale_temps(path)
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.tmp"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # Windows cannot open a folder; its rename is as durable as it gets there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a folder
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_temps(path: Path) -> None:
-    prefix = _temp_prefix(path)
-    try:
-        names = [n for n in os.listdir(path.parent) if n.startswith(prefix)]
-    except OSError:
-        return
-    for name in names:
-        pid = name[len(prefix):]
-        # A running writer's file is its own business (another process saving the same path right now).
-        if pid.isdigit() and int(pid) not in (0, os.getpid()) and _pid_running(int(pid)):
-            continue
-        try:
-            os.unlink(path.parent / name)
-        except OSError:  # gone already, or not ours to remove: it harms nothing
-            pass
-
-
-def _pid_running(pid: int) -> bool:
-    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows: assume it runs
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it runs, as another user
-        return True
-    return True
-
-
 def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
 
@@ -570,16 +504,16 @@ def save_weights(
     tensors = _contiguous(from_ours(state_dict, fmt))
     if fmt == "hf":
         hf_cfg = config_to_hf(config, class_names)
-        _atomic_write(dst / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        _atomic_write(dst / "config.json", lambda p: p.write_text(json.dumps(hf_cfg, indent=2)))
+        atomic_write(dst / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(dst / "config.json", lambda p: p.write_text(json.dumps(hf_cfg, indent=2)))
         return dst
     if fmt == "authors":
-        _atomic_write(dst, lambda p: torch.save(tensors, p))
+        atomic_write(dst, lambda p: torch.save(tensors, p))
         return dst
     meta = {"format": "pt", "cvt_config": json.dumps(config.to_dict())}
     if class_names is not None:
         meta["class_names"] = json.dumps(list(class_names))
-    _atomic_write(dst, lambda p: save_file(tensors, str(p), metadata=meta))
+    atomic_write(dst, lambda p: save_file(tensors, str(p), metadata=meta))
     beside = {"format": "cvt", "config": config.to_dict(), "class_names": class_names, "weights": dst.name}
-    _atomic_write(dst.parent / "config.json", lambda p: p.write_text(json.dumps(beside, indent=2)))
+    atomic_write(dst.parent / "config.json", lambda p: p.write_text(json.dumps(beside, indent=2)))
     return dst

@@ -90,9 +90,9 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     text = to_markdown(result)
     print(text)
     if args.json is not None:
-        from ..weights import _atomic_write
+        from ..utils import atomic_write
 
-        _atomic_write(args.json, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
+        atomic_write(args.json, lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
         print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown is not None:
         write_markdown_section(args.markdown, section_key(result["config"], result["machine"]), text)

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import amp_dtype, evaluate, pick_device
     from ..plots import plot_confusion
     from . import load_classifier
-    from ..weights import _atomic_write
+    from ..utils import atomic_write
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         "confusion": result.confusion.tolist(), "classes": classes, "skipped_files": len(result.skipped),
     }
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "eval.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    atomic_write(out / "eval.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     png = plot_confusion(result.confusion, classes, out / "confusion_matrix.png",
                          f"top-1 {result.top1:.2f}% on {result.count} images")
     if args.json:
