@@ -39,11 +39,8 @@ register_variant(
 )
 # Not from the paper: small CvTs for 28-64 px images (Fashion-MNIST, CIFAR). Same architecture; 3x3 token
 # embeddings instead of the 7x7 stride-4 one (which would leave a 28 px image 7x7 tokens in stage 1).
-# cvt_tiny was chosen by measurement for `make demo` (docs/fashion_mnist_runs.md): a stride-2 first
-# embedding (stages see 14/7/4 tokens a side at 28 px), MLP ratio 2 to afford a fourth block in stage 3, and exact
-# GELU (QuickGELU's three elementwise passes, before it ran as one fused SiLU, cost ~15% of its CPU training
-# step). On 2 CPU cores it trains at 630-820 images/s and reaches 91.7-91.8% on Fashion-MNIST in 6 epochs
-# (480-564 s of training; figures and dates in docs/fashion_mnist_runs.md).
+# cvt_tiny's stride-2 first embedding, MLP ratio 2 and exact GELU were chosen by measurement to fit `make demo`'s
+# time on a CPU (the figures: docs/variants.md).
 register_variant(
     "cvt_tiny", "not from the paper: 28-64 px images, output strides 2/4/8", 28, False,
     embed_dims=(32, 64, 128), num_heads=(1, 2, 4), depths=(1, 2, 4), mlp_ratio=2.0,
