@@ -263,7 +263,7 @@ def _poison_loss_at(monkeypatch, epoch: int, step: int, seen: dict) -> None:
     real = engine.train_one_epoch
 
     def train_one_epoch(t, loader, ep, steps, start_step=0, *args, **kwargs):
-        criterion, calls = t.criterion, [start_step]
+        criterion, calls = t.task.criterion, [start_step]
 
         def poisoned(logits, y):
             loss = criterion(logits, y)
@@ -274,11 +274,11 @@ def _poison_loss_at(monkeypatch, epoch: int, step: int, seen: dict) -> None:
             calls[0] += 1
             return loss
 
-        t.criterion = poisoned
+        t.task.criterion = poisoned
         try:
             return real(t, loader, ep, steps, start_step, *args, **kwargs)
         finally:
-            t.criterion = criterion
+            t.task.criterion = criterion
 
     monkeypatch.setattr(engine, "train_one_epoch", train_one_epoch)
 
@@ -404,7 +404,7 @@ def _ddp_jobs(rank: int, world: int, jobs: list[tuple[int, str, object]]) -> Non
 
 def _sync_bn_case(rank: int, world: int) -> dict:
     """This rank's share of a batch through `sync_batch_norm`, and the same batch through F.batch_norm in one go."""
-    from cvt.model import sync_batch_norm
+    from cvt.layers import sync_batch_norm
 
     g = torch.Generator().manual_seed(0)  # the same whole batch on every rank
     x = (torch.randn(12, 6, 5, 7, generator=g) * 2 + 5).requires_grad_()  # mean >> std: no cancellation allowed

@@ -75,14 +75,15 @@ def test_best_weights_folder(tmp_path, folder, monkeypatch, capsys):
     """RUN/best/ holds the weights of the evaluation with the highest top-1 (timm's model_best), loadable alone:
     here the evaluations are made to score 50, 80, 80, 60, so the best is epoch 2 (the first of equals)."""
     from cvt import engine
+    from cvt.tasks import classification
 
-    real, scores, seen = engine.evaluate, iter([50.0, 80.0, 80.0, 60.0]), []
+    real, scores, seen = classification.evaluate, iter([50.0, 80.0, 80.0, 60.0]), []
 
     def scripted(model, *args, **kwargs):
         seen.append({k: v.clone() for k, v in model.state_dict().items()})  # the weights being evaluated
         return dataclasses.replace(real(model, *args, **kwargs), top1=next(scores))
 
-    monkeypatch.setattr(engine, "evaluate", scripted)
+    monkeypatch.setattr(classification, "evaluate", scripted)
     rc, run = _train(tmp_path, folder, "--epochs", "4", "--lr", "3e-3", "--ema-decay", "0.9")
     assert rc == 0
     summary = json.load(open(f"{run}/summary.json"))
@@ -93,7 +94,7 @@ def test_best_weights_folder(tmp_path, folder, monkeypatch, capsys):
     best = cvt.from_pretrained(f"{run}/best").state_dict()
     assert all(torch.equal(best[k], seen[1][k]) for k in seen[1])  # epoch 2's weights ...
     assert not all(torch.equal(best[k], seen[3][k]) for k in seen[3])  # ... not the final ones
-    monkeypatch.setattr(engine, "evaluate", real)
+    monkeypatch.setattr(classification, "evaluate", real)
     assert main(["eval", "--checkpoint", f"{run}/best", "--data", f"imagefolder:{folder}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 9
 

@@ -1,10 +1,11 @@
-"""Training and evaluation as plain functions: `build_optimizer`, `WarmupCosine`, `train_one_epoch`, `evaluate`,
-and `fit`, which runs a whole `TrainConfig` into a run directory:
+"""The training loop every task shares: `build_optimizer`, `WarmupCosine`, `train_one_epoch`, and `fit`, which runs a
+whole `TrainConfig` into a run directory. What differs per task (model, data, loss, metrics, plots) comes from the
+task the recipe names (`cvt.tasks`; classification: `cvt.tasks.classification`). For classification:
 
     RUN/metrics.jsonl       one JSON line per epoch (train loss, val top-1/top-5, lr, images/s, seconds)
     RUN/summary.json        best/final top-1, epochs, training seconds, model, parameters, skipped files
     RUN/model.safetensors   the final weights (EMA when on) + config.json + preprocess.json beside them
-    RUN/best/               the same three files for the evaluation with the highest top-1 so far
+    RUN/best/               the same three files for the evaluation with the best score so far (+ best.json)
     RUN/checkpoint.pt       the training state for --resume (written atomically; torch.load(weights_only=True))
     RUN/recipe.yaml         the resolved settings;  RUN/tensorboard/  events;  RUN/*.png  curves, confusion matrix
 
@@ -16,6 +17,9 @@ batch, and N processes train as one process with the same batch would (up to flo
 
 Randomness is seeded per step from (seed, epoch, step, rank), so a run resumed from any checkpoint continues
 exactly as the uninterrupted run would have. The library logs through `logging.getLogger("cvt.train")`.
+
+`fit` runs in phases, each a function below: check the settings, build, restore a checkpoint, wrap for DDP and
+compile, open the run folder, train the epochs (each: train, evaluate, record, checkpoint), summarise.
 """
 
 from __future__ import annotations
@@ -38,15 +42,15 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from .config import CvTConfig
-from .data import BatchTransform, Preprocess, build_data, data_info, parse_data, set_epoch
 from .model import CvT, param_count
 from .recipe import TrainConfig, write_yaml
+from .tasks import DistInfo, Evaluation, Task, autocast, get_task
+# Classification's pieces, where callers have always found them (cvt eval, cvt predict, tests).
+from .tasks.classification import TTA_MODES, EvalResult, build_model, evaluate, log_probs, resolve_img_size  # noqa: F401
 from .utils import atomic_write, mix_seed, seed_everything, write_text
-from .weights import STATE_FORMAT, save_weights
+from .weights import STATE_FORMAT
 
 log = logging.getLogger("cvt.train")
 
@@ -68,25 +72,11 @@ class Interrupted(Exception):
 # ---------------------------------------------------------------------------------------------------------------
 # Processes and devices
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 def setup_distributed(device_pref: str | None) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes (if any) and pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(rank=int(os.environ.get("RANK", "0")), world=world,
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     device = pick_device(device_pref, info.local_rank)
     if info.enabled and not dist.is_initialized():
         if device.type == "cuda":
@@ -129,11 +119,6 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     return torch.float16
 
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,24 +175,24 @@ class WarmupCosine:
         self._apply()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# One epoch of training, one pass of evaluation
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class Trainer:
-    """What a training step needs. `net` is what runs forward (DDP / compiled); `model` the plain module."""
 
-    model: CvT
+# ---------------------------------------------------------------------------------------------------------------
+# One epoch of training
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class Trainer:
+    """What a training step needs. `net` is what runs forward (DDP / compiled); `model` the plain module; `task`
+    turns a batch into a loss."""
+
+    model: nn.Module
     net: nn.Module
+    task: Task
     optimizer: torch.optim.Optimizer
     schedule: WarmupCosine
-    criterion: nn.Module
-    transform: BatchTransform
     device: torch.device
     dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     ema: Any = None
-    mixup: Any = None
     accum_steps: int = 1
     clip_grad: float | None = None
     seed: int = 0
@@ -216,7 +201,7 @@ class Trainer:
     strict_data: bool = False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EpochStats:
     loss: float
     steps: int
@@ -268,37 +253,31 @@ def train_one_epoch(
     batches = iter(loader)
     loss_sum = torch.zeros((), device=t.device)
     taken = torch.zeros((), dtype=torch.int, device=t.device)
-    images, done, bad_steps, pending, interrupted = 0, 0, 0, None, False
+    samples, done, bad_steps, pending, interrupted = 0, 0, 0, None, False
     start = time.perf_counter()
     for step in range(start_step, steps):
         t.optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=t.device)
         for micro in range(t.accum_steps):
-            x, y, errors = next(batches)
-            if errors:
-                _note_skipped(t, errors)
-            if len(y) == 0:
+            batch = next(batches)
+            _note_skipped(t, t.task.unreadable(batch))
+            # Everything random in this micro-step (augmentation, mixup, drop path) follows from these numbers.
+            seed_everything(mix_seed(t.seed, epoch, step, micro, t.dist.rank))
+            prepared = t.task.prepare(batch, t.device)
+            if prepared is None:
                 if t.dist.enabled:
                     raise ValueError("a whole batch of unreadable images: clean the data or use one process")
                 continue
-            x = x.to(t.device, non_blocking=True)
-            y = y.to(t.device, non_blocking=True)
-            # Everything random in this micro-step (augmentation, mixup, drop path) follows from these numbers.
-            seed_everything(mix_seed(t.seed, epoch, step, micro, t.dist.rank))
-            x = t.transform(x)
-            if t.mixup is not None:
-                if len(y) % 2:  # a skipped file left an odd batch; mixup mixes pairs
-                    x, y = x[:-1], y[:-1]
-                x, y = t.mixup(x, y)
+            inputs, count = prepared
             last = micro == t.accum_steps - 1
             sync = contextlib.nullcontext() if last or not t.dist.enabled else t.net.no_sync()
             with sync:
                 with autocast(t.device, t.dtype):
-                    loss = t.criterion(t.net(x), y)
+                    loss = t.task.loss(t.net, inputs)
                 scaled = loss / t.accum_steps
                 (t.scaler.scale(scaled) if t.scaler is not None else scaled).backward()
             step_loss += loss.detach() / t.accum_steps
-            images += len(y) * t.dist.world
+            samples += count * t.dist.world
         if t.scaler is not None:
             t.scaler.unscale_(t.optimizer)
         # The norm of the (all-reduced) gradients: the same on every rank, so every rank takes the same decision.
@@ -328,8 +307,8 @@ def train_one_epoch(
             break
     if pending is not None:
         _check_finite(t, *pending, bad_steps)
-    return EpochStats(_mean_loss(loss_sum, int(taken), t.dist), start_step + done, images,
-                      time.perf_counter() - start, interrupted=interrupted, taken=int(taken))
+    return EpochStats(loss=_mean_loss(loss_sum, int(taken), t.dist), steps=start_step + done, images=samples,
+                      seconds=time.perf_counter() - start, interrupted=interrupted, taken=int(taken))
 
 
 def _check_finite(t: Trainer, finite: torch.Tensor, step_loss: torch.Tensor, epoch: int, step: int, steps: int,
@@ -376,87 +355,6 @@ def _mean_loss(loss_sum: torch.Tensor, steps: int, info: DistInfo) -> float:
         dist.all_reduce(loss_sum)
         loss_sum /= info.world
     return loss_sum.item() / max(1, steps)
-
-
-@dataclass
-class EvalResult:
-    top1: float
-    top5: float
-    loss: float
-    count: int
-    confusion: torch.Tensor  # (K, K): rows true class, columns prediction
-    skipped: list[str] = field(default_factory=list)
-
-    @property
-    def per_class(self) -> list[float]:
-        c = self.confusion.double()
-        return (c.diag() / c.sum(1).clamp(min=1) * 100).tolist()
-
-
-TTA_MODES = ("none", "hflip")
-
-
-def log_probs(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """Log class probabilities of a batch of model-ready images, (B, classes) in fp32.
-
-    tta="hflip" averages the probabilities of each image and its mirror image (test-time augmentation): it
-    suits models trained with horizontal flips, costs a second forward pass, and is reported as such, never
-    as the single-view figure."""
-    if tta not in TTA_MODES:
-        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-    logp = model(x).float().log_softmax(-1)
-    if tta == "hflip":
-        mirrored = model(x.flip(-1)).float().log_softmax(-1)
-        logp = torch.logaddexp(logp, mirrored) - math.log(2.0)  # log of the mean of the two probabilities
-    return logp
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable,
-    transform: BatchTransform,
-    device: torch.device,
-    num_classes: int,
-    dtype: torch.dtype | None = None,
-    info: DistInfo | None = None,
-    tta: str = "none",
-) -> EvalResult:
-    """Top-1, top-5 (top-k for fewer classes), mean cross-entropy and the confusion matrix over `loader`
-    (summed over all processes when distributed); `tta` as in `log_probs`."""
-    was_training = model.training
-    model.eval()
-    k = num_classes
-    confusion = torch.zeros(k * k, dtype=torch.long, device=device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-5 hits, loss sum, count
-    skipped: list[str] = []
-    for x, y, errors in loader:
-        skipped += errors
-        if len(y) == 0:
-            continue
-        x, y = transform(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            logp = log_probs(model, x, tta)
-        topk = logp.topk(min(5, k), dim=1).indices
-        sums[0] += (topk == y[:, None]).any(1).sum()
-        sums[1] += F.nll_loss(logp, y, reduction="sum")
-        sums[2] += len(y)
-        confusion += torch.bincount(y * k + logp.argmax(1), minlength=k * k)
-    if info is not None and info.enabled:
-        dist.all_reduce(confusion)
-        dist.all_reduce(sums)
-        gathered: list[list[str]] = [[] for _ in range(info.world)]
-        dist.all_gather_object(gathered, skipped)
-        skipped = [e for part in gathered for e in part]
-    model.train(was_training)
-    n = int(sums[2].item())
-    confusion = confusion.view(k, k).cpu()
-    if n == 0:
-        raise ValueError("nothing to evaluate: the validation split has no readable images")
-    return EvalResult(
-        top1=confusion.diag().sum().item() / n * 100, top5=sums[0].item() / n * 100, loss=sums[1].item() / n,
-        count=n, confusion=confusion, skipped=skipped,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -507,7 +405,7 @@ def load_state(spec: str | os.PathLike) -> tuple[dict[str, Any], Path]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A whole run
+# Stopping: signals and periodic checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 class _StopFlag:
     """Read between steps: SIGINT/SIGTERM set `signum`, the run checkpoints and stops; every `every_s` seconds
@@ -552,32 +450,56 @@ class _StopFlag:
         return self.stopping or due
 
 
-def resolve_img_size(cfg: TrainConfig, model_name: str | None) -> int:
-    if cfg.img_size:
-        return cfg.img_size
-    _, native = data_info(cfg.data)
-    if native:
-        return native
-    from .registry import get_variant
-
-    return get_variant(model_name).input_size if model_name else 224
 
 
-def build_model(cfg: TrainConfig, state: dict[str, Any] | None) -> CvT:
-    """The model to train: a resumed run's, a pretrained checkpoint's (any format), or a fresh variant."""
-    from .registry import create_model, from_pretrained
+# ---------------------------------------------------------------------------------------------------------------
+# A whole run, in phases
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class Run:
+    """One fit between its phases: the trainer, and the records the checkpoint carries besides the trainer's."""
 
-    if state is not None:
-        model = CvT(CvTConfig.from_dict(state["model_config"]))
-        model.load_state_dict(state["model"])
-        return model
-    args = dict(cfg.model_args)
-    if cfg.pretrained:
-        if cfg.model:
-            return create_model(cfg.model, pretrained=cfg.pretrained, **args)
-        return from_pretrained(cfg.pretrained, **args)
-    args.setdefault("in_chans", data_info(cfg.data)[0])
-    return create_model(cfg.model or "cvt_tiny", **args)
+    cfg: TrainConfig
+    task: Task
+    trainer: Trainer
+    out: Path
+    steps_per_epoch: int
+    micro: int  # samples per process and forward
+    wall_start: float  # this process's start (perf_counter)
+    history: list[dict[str, Any]] = field(default_factory=list)  # the rows of metrics.jsonl
+    start_epoch: int = 0
+    start_step: int = 0
+    partial: dict[str, Any] | None = None  # what an interrupted epoch had done before the resume
+    train_seconds: float = 0.0
+    wall_before: float = 0.0  # wall-clock seconds of the run before this process took it up
+    writer: Any = None  # TensorBoard's, on rank 0
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated and saved: the EMA weights when on."""
+        return self.trainer.ema.module if self.trainer.ema is not None else self.trainer.model
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.wall_start
+
+    def snapshot(self, epoch: int, step: int, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint: resuming from it continues exactly as this run goes on from here."""
+        t = self.trainer
+        return {
+            "format": STATE_FORMAT, "version": 1, "task": self.task.name, "epoch": epoch, "step": step,
+            "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "scheduler": t.schedule.state_dict(),
+            "scaler": t.scaler.state_dict() if t.scaler is not None else None,
+            "ema": t.ema.module.state_dict() if t.ema is not None else None,
+            "rng": rng_state(), "config": self.cfg.to_dict(), **self.task.state(t.model),
+            "history": self.history, "train_seconds": self.train_seconds, "wall_seconds": self.wall(),
+            "skipped": dict(t.skipped), "partial": partial,
+        }
+
+    def checkpoint(self, epoch: int, step: int, partial: dict[str, Any] | None = None) -> Path:
+        path = self.out / CHECKPOINT
+        if self.trainer.dist.main:
+            save_state(path, self.snapshot(epoch, step, partial))
+        return path
 
 
 def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
@@ -594,258 +516,300 @@ def fit(cfg: TrainConfig, *, resume: str | os.PathLike | None = None, progress: 
 def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, resume, progress: bool,
          cleanup: contextlib.ExitStack) -> dict[str, Any]:
     wall_start = time.perf_counter()
-    out = Path(cfg.out)
     state, state_path = load_state(resume) if resume else (None, None)
+    task, micro = _check_settings(cfg, info, state)
+    run = _build(cfg, task, info, device, state, micro, wall_start)
     if state is not None:
-        # The model comes from the checkpoint: a changed model or model_args would be recorded in recipe.yaml and
-        # the checkpoint without being what trains, so --config RUN/recipe.yaml would build another model.
-        kept = state["config"]
-        changed = [k for k in ("model", "model_args", "pretrained") if getattr(cfg, k) != kept.get(k)]
-        if changed:
-            raise ValueError(
-                "a resumed run keeps its model; "
-                + ", ".join(f"{k} {getattr(cfg, k)!r} differs from the run's {kept.get(k)!r}" for k in changed)
-                + " (to train another model from these weights, start a new run with --pretrained)"
-            )
-    parse_data(cfg.data)  # a bad --data is an error before anything is built
+        _restore(run, state, state_path)
+    _wrap(run)
+    _open_run_dir(run, fresh=state is None, cleanup=cleanup)
+    final = _train(run, progress)
+    return _summarize(run, final)
+
+
+def _check_settings(cfg: TrainConfig, info: DistInfo, state: dict[str, Any] | None) -> tuple[Task, int]:
+    """What is wrong with the settings before anything is built: a resumed run that would change its task or
+    model, data the task cannot read, a batch that does not split over the processes. Returns the task and the
+    batch of one process's forward."""
+    if state is not None:
+        _check_resume(cfg, state)
+    task = get_task(cfg.task)(cfg)
     if cfg.batch_size % (info.world * cfg.accum_steps):
         raise ValueError(
             f"batch_size {cfg.batch_size} must be divisible by processes x accum_steps = {info.world} x {cfg.accum_steps}"
         )
     micro = cfg.batch_size // (info.world * cfg.accum_steps)
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and micro % 2:
-        raise ValueError(f"mixup/cutmix mix pairs: each process's batch ({micro}) must be even")
+    task.check(micro)
+    return task, micro
 
+
+def _check_resume(cfg: TrainConfig, state: dict[str, Any]) -> None:
+    """A resumed run keeps its task and model: another would be recorded in recipe.yaml and the checkpoint without
+    being what trains, so --config RUN/recipe.yaml would build another run."""
+    kept = state["config"]
+    task = state.get("task", "classification")  # checkpoints from before tasks were all classification
+    if cfg.task != task:
+        raise ValueError(f"a resumed run keeps its task; task {cfg.task!r} differs from the run's {task!r}")
+    changed = [k for k in ("model", "model_args", "pretrained") if getattr(cfg, k) != kept.get(k)]
+    if changed:
+        raise ValueError(
+            "a resumed run keeps its model; "
+            + ", ".join(f"{k} {getattr(cfg, k)!r} differs from the run's {kept.get(k)!r}" for k in changed)
+            + " (to train another model from these weights, start a new run with --pretrained)"
+        )
+
+
+def _cvt_parts(model: nn.Module) -> list[CvT]:
+    """The CvTs in `model`: itself for classification, a detector's backbone."""
+    return [m for m in model.modules() if isinstance(m, CvT)]
+
+
+def _build(cfg: TrainConfig, task: Task, info: DistInfo, device: torch.device, state: dict[str, Any] | None,
+           micro: int, wall_start: float) -> Run:
+    """The task's model and data, then what trains them: optimizer, schedule, AMP, EMA."""
     seed_everything(cfg.seed)
-    model = build_model(cfg, state).to(device)
-    model_name = cfg.model or ("cvt_tiny" if not cfg.pretrained else None)
-    pre = Preprocess.default_for(model.cfg.in_chans, resolve_img_size(cfg, model_name))
-    # In-memory data (Fashion-MNIST) is trained and evaluated on whole images, resized: record no crop, so that
-    # `cvt predict` on an image file sees it the same way.
-    crop_pct = 1.0 if data_info(cfg.data)[1] else cfg.crop_pct
-    pre = Preprocess(pre.img_size, pre.in_chans, pre.mean, pre.std, crop_pct, cfg.interpolation)
-    data = build_data(
-        cfg.data, pre, data_dir=cfg.data_dir, batch_size=micro, eval_batch_size=max(256, micro),
-        num_workers=cfg.num_workers, device=device, rank=info.rank, world=info.world, seed=cfg.seed,
-        randaugment=cfg.randaugment, color_jitter=cfg.color_jitter, crop_scale=cfg.crop_scale, hflip=cfg.hflip,
-        # a resumed run keeps its labels: renamed or added class folders are an error, not a silent relabelling
-        classes=state["classes"] if state is not None else None,
-    )
-    classes = data.classes
-    if model.num_classes != len(classes):
-        if state is not None:
-            raise ValueError(f"the checkpoint has {model.num_classes} classes, the data {len(classes)}")
-        if cfg.pretrained:
-            log.info("new %d-class head (the checkpoint had %d classes)", len(classes), model.num_classes)
-        model.reset_classifier(len(classes))
-    model.set_grad_checkpointing(cfg.grad_checkpointing)
-
-    steps_per_epoch = len(data.train) // cfg.accum_steps
+    model = task.build(state=state, device=device, dist=info, micro_batch=micro)
+    for part in _cvt_parts(model):
+        part.set_grad_checkpointing(cfg.grad_checkpointing)
+    steps = len(task.train) // cfg.accum_steps
     if cfg.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-    if steps_per_epoch == 0:
+        steps = min(steps, cfg.steps_per_epoch)
+    if steps == 0:
         raise ValueError(f"an epoch has no full step: lower --batch-size (now {cfg.batch_size}) or accum_steps")
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     schedule = WarmupCosine(
-        optimizer, cfg.lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), cfg.warmup_lr,
-        cfg.min_lr, round(cfg.cooldown_epochs * steps_per_epoch),
+        optimizer, cfg.lr, cfg.epochs * steps, round(cfg.warmup_epochs * steps), cfg.warmup_lr, cfg.min_lr,
+        round(cfg.cooldown_epochs * steps),
     )
     dtype = amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     ema = None
     if cfg.ema_decay > 0:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
-    mixup, criterion = None, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
-        from timm.loss import SoftTargetCrossEntropy
+    trainer = Trainer(
+        model=model, net=model, task=task, optimizer=optimizer, schedule=schedule, device=device, dtype=dtype,
+        scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, ema=ema,
+        accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, seed=cfg.seed, dist=info, strict_data=cfg.strict_data,
+    )
+    return Run(cfg=cfg, task=task, trainer=trainer, out=Path(cfg.out), steps_per_epoch=steps, micro=micro,
+               wall_start=wall_start)
 
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                      switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
-                      num_classes=len(classes))
-        criterion = SoftTargetCrossEntropy()
 
-    start_epoch, start_step, history, train_seconds, wall_before = 0, 0, [], 0.0, 0.0
-    partial: dict[str, Any] | None = None  # what an interrupted epoch had done before the resume
-    skipped: dict[str, str] = {}
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema"):
-            ema.module.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
-        start_epoch, start_step = int(state["epoch"]), int(state["step"])
-        history, train_seconds = list(state["history"]), float(state["train_seconds"])
-        wall_before, skipped = float(state.get("wall_seconds", 0.0)), dict(state.get("skipped", {}))
-        partial = state.get("partial") if start_step > 0 else None
-        log.info("resuming %s from epoch %d, step %d/%d", state_path, start_epoch + 1, start_step, steps_per_epoch)
+def _restore(run: Run, state: dict[str, Any], state_path: Path) -> None:
+    """Continue from a checkpoint: optimizer, schedule, loss scale, EMA, random generators and the records."""
+    t = run.trainer
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.schedule.load_state_dict(state["scheduler"])
+    if t.scaler is not None and state.get("scaler"):
+        t.scaler.load_state_dict(state["scaler"])
+    if t.ema is not None and state.get("ema"):
+        t.ema.module.load_state_dict(state["ema"])
+    set_rng_state(state["rng"])
+    run.start_epoch, run.start_step = int(state["epoch"]), int(state["step"])
+    run.history, run.train_seconds = list(state["history"]), float(state["train_seconds"])
+    run.wall_before, t.skipped = float(state.get("wall_seconds", 0.0)), dict(state.get("skipped", {}))
+    run.partial = state.get("partial") if run.start_step > 0 else None
+    log.info("resuming %s from epoch %d, step %d/%d", state_path, run.start_epoch + 1, run.start_step,
+             run.steps_per_epoch)
 
-    net: nn.Module = model
-    if info.enabled:
+
+def _wrap(run: Run) -> None:
+    """What runs forward: the model in DistributedDataParallel across processes, compiled when asked."""
+    t, cfg = run.trainer, run.cfg
+    if t.dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        model.set_sync_batchnorm(cfg.sync_bn)
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        for part in _cvt_parts(t.model):
+            part.set_sync_batchnorm(cfg.sync_bn)
+        t.net = DistributedDataParallel(t.model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
     if cfg.compile:
         # Static shapes (every batch has the same size): a dynamic batch dimension is slower code, and crashed torch
         # 2.11's Inductor in a CvT backward on the H200 (benchmarks/GPU_NOTES.md).
-        net = torch.compile(net, mode=cfg.compile_mode, dynamic=False)
-    train_tf = BatchTransform(pre, train=True, shift=cfg.shift if data.native_size else 0,
-                              hflip=cfg.hflip if data.native_size else 0.0, reprob=cfg.reprob)
-    eval_tf = BatchTransform(pre)
-    t = Trainer(model, net, optimizer, schedule, criterion, train_tf, device, dtype, scaler, ema, mixup,
-                cfg.accum_steps, cfg.clip_grad, cfg.seed, info, skipped, cfg.strict_data)
-    params = param_count(model)
-    writer = None
-    if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if state is None:
-            # A new run in a folder that held one (`cvt train --overwrite`): the old summary and best weights must not
-            # sit beside the new run's if it stops early. Removed only now that the model and data are built, so a
-            # mistake in either loses nothing. Its checkpoint and final weights are replaced at the first epoch's end.
-            (out / "summary.json").unlink(missing_ok=True)
-            for name in ("best.json", "model.safetensors", "preprocess.json", "config.json"):
-                (out / "best" / name).unlink(missing_ok=True)
-        write_text(out / "recipe.yaml", write_yaml(cfg.to_dict()))
-        write_text(out / "preprocess.json", json.dumps(pre.to_dict(), indent=2))
-        write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-        writer = _tensorboard(out)
-        if writer is not None:
-            cleanup.callback(writer.close)
-        log.info(
-            "training %s (%s parameters) on %s: %d classes, %d px, %d epochs x %d steps of %d images, %s%s%s",
-            model_name or cfg.pretrained, f"{params:,}", cfg.data, len(classes), pre.img_size, cfg.epochs,
-            steps_per_epoch, cfg.batch_size, device, f", {info.world} processes" if info.enabled else "",
-            f", amp {dtype}".replace("torch.", "") if dtype else "",
-        )
+        t.net = torch.compile(t.net, mode=cfg.compile_mode, dynamic=False)
 
-    def snapshot(epoch: int, step: int, wall: float, partial: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT, "version": 1, "epoch": epoch, "step": step,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": ema.module.state_dict() if ema is not None else None,
-            "rng": rng_state(), "config": cfg.to_dict(), "model_config": model.cfg.to_dict(), "classes": classes,
-            "preprocess": pre.to_dict(), "history": history, "train_seconds": train_seconds,
-            "wall_seconds": wall, "skipped": dict(t.skipped), "partial": partial,
-        }
 
-    eval_model = ema.module if ema is not None else model
-    result: EvalResult | None = None
-    with _StopFlag(info, cfg.checkpoint_minutes * 60) as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            first = start_step if epoch == start_epoch else 0
-            before = partial if epoch == start_epoch else None  # what this epoch did before the resume, if any
-            while True:  # the epoch, in parts when it pauses for a checkpoint
-                set_epoch(data, epoch, first * cfg.accum_steps)
-                bar = _progress(progress and info.main, epoch, cfg.epochs, first, steps_per_epoch,
-                                micro * cfg.accum_steps * info.world)
-                try:
-                    stats = train_one_epoch(t, data.train, epoch, steps_per_epoch, first, bar.update, stop)
-                finally:
-                    bar.close()
-                train_seconds += stats.seconds
-                stats = stats.after(before)
-                _gather_skipped(t)  # (evaluate() gathers its own)
-                if not stats.interrupted or (not stop.stopping and stats.steps == steps_per_epoch):
-                    break  # (a periodic checkpoint due after the last step: the epoch-end one comes next)
-                path = out / CHECKPOINT
-                if info.main:
-                    save_state(path, snapshot(epoch, stats.steps, wall_before + time.perf_counter() - wall_start,
-                                              stats.partial()))
-                if stop.stopping:
-                    name = signal.Signals(stop.signum).name
-                    raise Interrupted(
-                        f"stopped by {name} at epoch {epoch + 1}, step {stats.steps}/{steps_per_epoch}; "
-                        f"checkpoint written to {path}; continue with --resume", path, stop.signum,
-                    )
-                # A periodic checkpoint: the epoch goes on from that step exactly as `--resume` from it would, so
-                # the run's weights are those of a run that never paused (tested).
-                log.info("checkpoint at epoch %d, step %d/%d written to %s", epoch + 1, stats.steps,
-                         steps_per_epoch, path)
-                stop.saved()
-                first, before = stats.steps, stats.partial()
-            row = {
-                "epoch": epoch + 1, "train_loss": round(stats.loss, 5), "val_loss": None, "val_top1": None,
-                "val_top5": None, "lr": schedule.get_last_lr(), "images_per_s": round(stats.images_per_s, 1),
-                "seconds": round(stats.seconds, 2),
-            }
-            last = epoch + 1 == cfg.epochs
-            if last or (epoch + 1) % cfg.eval_every == 0:
-                try:
-                    _share_rank0_buffers(eval_model, info)
-                    result = evaluate(eval_model, data.val, eval_tf, device, len(classes), dtype, info)
-                    _note_skipped(t, [e for e in result.skipped if e.partition(": ")[0] not in t.skipped])
-                except Exception:
-                    # An evaluation that fails (an unreadable image under --strict-data, say) keeps the epoch's
-                    # training: --resume after the fix runs none of its steps again, only the evaluation.
-                    if info.main:
-                        save_state(out / CHECKPOINT, snapshot(epoch, stats.steps, wall_before + time.perf_counter()
-                                                              - wall_start, stats.partial()))
-                    raise
-                row.update(val_loss=round(result.loss, 5), val_top1=round(result.top1, 3), val_top5=round(result.top5, 3))
-            best_before = max((h["val_top1"] for h in history if h["val_top1"] is not None), default=-math.inf)
-            history.append(row)
-            if info.main:
-                _append_line(out / "metrics.jsonl", row)
-                _log_epoch(writer, row, cfg.epochs)
-                save_weights(eval_model.state_dict(), model.cfg, out / "model.safetensors", class_names=classes)
-                if row["val_top1"] is not None and row["val_top1"] > best_before:
-                    # timm's model_best, as a folder that loads like the run's own (config and preprocessing
-                    # beside the weights); best.json, written last, says which evaluation they are. A run killed
-                    # before the checkpoint below redoes this epoch on resume, and the summary names best/ only
-                    # where best.json matches the history.
-                    best_dir = out / "best"
-                    best_dir.mkdir(exist_ok=True)
-                    save_weights(eval_model.state_dict(), model.cfg, best_dir / "model.safetensors", class_names=classes)
-                    write_text(best_dir / "preprocess.json", json.dumps(pre.to_dict(), indent=2))
-                    write_text(best_dir / "best.json", json.dumps({"epoch": row["epoch"], "val_top1": row["val_top1"]}))
-                save_state(out / CHECKPOINT, snapshot(epoch + 1, 0, wall_before + time.perf_counter() - wall_start))
+def _open_run_dir(run: Run, *, fresh: bool, cleanup: contextlib.ExitStack) -> None:
+    """Rank 0's run folder: the resolved recipe, the task's files, metrics.jsonl as far as the run got, TensorBoard."""
+    t, cfg, out = run.trainer, run.cfg, run.out
+    if not t.dist.main:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        # A new run in a folder that held one (`cvt train --overwrite`): the old summary and best weights must not
+        # sit beside the new run's if it stops early. Removed only now that the model and data are built, so a
+        # mistake in either loses nothing. Its checkpoint and final weights are replaced at the first epoch's end.
+        (out / "summary.json").unlink(missing_ok=True)
+        for path in (out / "best").glob("*"):
+            if path.is_file():
+                path.unlink()
+    write_text(out / "recipe.yaml", write_yaml(cfg.to_dict()))
+    for name, text in run.task.files().items():
+        write_text(out / name, text)
+    write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in run.history))
+    run.writer = _tensorboard(out)
+    if run.writer is not None:
+        cleanup.callback(run.writer.close)
+    log.info(
+        "training %s (%s parameters) on %s: %s, %d epochs x %d steps of %d images, %s%s%s",
+        _model_name(cfg), f"{param_count(t.model):,}", cfg.data, run.task.describe(), cfg.epochs,
+        run.steps_per_epoch, cfg.batch_size, t.device, f", {t.dist.world} processes" if t.dist.enabled else "",
+        f", amp {t.dtype}".replace("torch.", "") if t.dtype else "",
+    )
+
+
+def _model_name(cfg: TrainConfig) -> str:
+    return cfg.model or (str(cfg.pretrained) if cfg.pretrained else "cvt_tiny")
+
+
+def _train(run: Run, progress: bool) -> Evaluation:
+    """The epochs from where the run stands, each trained, evaluated when due, recorded and checkpointed. Returns
+    the last evaluation (of the final weights, measured again when a resumed run had nothing left to train)."""
+    cfg, final = run.cfg, None
+    with _StopFlag(run.trainer.dist, cfg.checkpoint_minutes * 60) as stop:
+        for epoch in range(run.start_epoch, cfg.epochs):
+            stats = _train_epoch(run, epoch, stop, progress)
+            row = {"epoch": epoch + 1, "train_loss": round(stats.loss, 5), **dict.fromkeys(run.task.metrics),
+                   "lr": run.trainer.schedule.get_last_lr(), "images_per_s": round(stats.images_per_s, 1),
+                   "seconds": round(stats.seconds, 2)}
+            if epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0:
+                final = _evaluate(run, epoch, stats)
+                row.update(final.metrics)
+            _record_epoch(run, row)
             stop.saved()
+    if final is None:
+        t = run.trainer
+        final = run.task.evaluate(run.eval_model, device=t.device, dtype=t.dtype, dist=t.dist)
+    return final
 
-    if result is None:  # resumed a finished run: measure the final weights again
-        result = evaluate(eval_model, data.val, eval_tf, device, len(classes), dtype, info)
-    evaluated = [h for h in history if h["val_top1"] is not None]
-    best = max(evaluated, key=lambda h: h["val_top1"]) if evaluated else None  # the first of equals, as saved
+
+def _train_epoch(run: Run, epoch: int, stop: "_StopFlag", progress: bool) -> EpochStats:
+    """One epoch, in parts when it pauses for a periodic checkpoint; a signal checkpoints and raises Interrupted.
+    The stats cover the whole epoch, the part before a resume included."""
+    t, cfg, steps = run.trainer, run.cfg, run.steps_per_epoch
+    first = run.start_step if epoch == run.start_epoch else 0
+    before = run.partial if epoch == run.start_epoch else None  # what this epoch did before the resume, if any
+    while True:
+        run.task.set_epoch(epoch, first * cfg.accum_steps)
+        bar = _progress(progress and t.dist.main, epoch, cfg.epochs, first, steps,
+                        run.micro * cfg.accum_steps * t.dist.world)
+        try:
+            stats = train_one_epoch(t, run.task.train, epoch, steps, first, bar.update, stop)
+        finally:
+            bar.close()
+        run.train_seconds += stats.seconds
+        stats = stats.after(before)
+        _gather_skipped(t)  # (evaluations gather their own)
+        if not stats.interrupted or (not stop.stopping and stats.steps == steps):
+            return stats  # (a periodic checkpoint due after the last step: the epoch-end one comes next)
+        path = run.checkpoint(epoch, stats.steps, stats.partial())
+        if stop.stopping:
+            name = signal.Signals(stop.signum).name
+            raise Interrupted(
+                f"stopped by {name} at epoch {epoch + 1}, step {stats.steps}/{steps}; "
+                f"checkpoint written to {path}; continue with --resume", path, stop.signum,
+            )
+        # A periodic checkpoint: the epoch goes on from that step exactly as `--resume` from it would, so the run's
+        # weights are those of a run that never paused (tested).
+        log.info("checkpoint at epoch %d, step %d/%d written to %s", epoch + 1, stats.steps, steps, path)
+        stop.saved()
+        first, before = stats.steps, stats.partial()
+
+
+def _evaluate(run: Run, epoch: int, stats: EpochStats) -> Evaluation:
+    t = run.trainer
+    try:
+        _share_rank0_buffers(run.eval_model, t.dist)
+        result = run.task.evaluate(run.eval_model, device=t.device, dtype=t.dtype, dist=t.dist)
+        _note_skipped(t, [e for e in result.skipped if e.partition(": ")[0] not in t.skipped])
+    except Exception:
+        # An evaluation that fails (an unreadable image under --strict-data, say) keeps the epoch's training:
+        # --resume after the fix runs none of its steps again, only the evaluation.
+        run.checkpoint(epoch, stats.steps, stats.partial())
+        raise
+    return result
+
+
+def _record_epoch(run: Run, row: dict[str, Any]) -> None:
+    """The epoch's row in metrics.jsonl, the log and TensorBoard; the final weights, best weights when they are,
+    and the epoch-end checkpoint."""
+    best = _best_row(run.task, run.history)
+    run.history.append(row)
+    if not run.trainer.dist.main:
+        return
+    _append_line(run.out / "metrics.jsonl", row)
+    _log_epoch(run.writer, row, run.cfg.epochs, run.task)
+    run.task.save_weights(run.eval_model, run.out)
+    if _improves(run.task, row, best):
+        # timm's model_best, as a folder that loads like the run's own (config and task files beside the weights);
+        # best.json, written last, says which evaluation they are. A run killed before the checkpoint below redoes
+        # this epoch on resume, and the summary names best/ only where best.json matches the history.
+        best_dir = run.out / "best"
+        best_dir.mkdir(exist_ok=True)
+        run.task.save_weights(run.eval_model, best_dir)
+        for name, text in run.task.files().items():
+            write_text(best_dir / name, text)
+        write_text(best_dir / "best.json", json.dumps(_best_record(run.task, row)))
+    run.checkpoint(row["epoch"], 0)
+
+
+def _best_row(task: Task, history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The evaluated row with the best score: the first of equals, as best/ holds it."""
+    scored = [h for h in history if h.get(task.score) is not None]
+    if not scored:
+        return None
+    pick = max if task.higher_is_better else min
+    return pick(scored, key=lambda h: h[task.score])
+
+
+def _improves(task: Task, row: dict[str, Any], best: dict[str, Any] | None) -> bool:
+    value = row.get(task.score)
+    if value is None:
+        return False
+    if best is None:
+        return True
+    return value > best[task.score] if task.higher_is_better else value < best[task.score]
+
+
+def _best_record(task: Task, row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What best.json holds for the evaluation `row`: its epoch and score."""
+    return None if row is None else {"epoch": row["epoch"], task.score: row[task.score]}
+
+
+def _summarize(run: Run, final: Evaluation) -> dict[str, Any]:
+    """summary.json (the shared fields around the task's) and the task's plots."""
+    t, cfg, task = run.trainer, run.cfg, run.task
+    best = _best_row(task, run.history)
+    seconds = sum(h["seconds"] for h in run.history)
     summary = {
-        "model": model_name or str(cfg.pretrained), "params": params, "data": cfg.data, "img_size": pre.img_size,
-        "classes": len(classes), "epochs": cfg.epochs, "best_top1": best["val_top1"] if best else None,
-        "best_epoch": best["epoch"] if best else None, "best_weights": _best_weights(out, best),
-        "final_top1": round(result.top1, 3), "final_top5": round(result.top5, 3), "final_loss": round(result.loss, 5),
-        "val_images": result.count, "train_seconds": round(train_seconds, 1),
-        "wall_seconds": round(wall_before + time.perf_counter() - wall_start, 1),
-        "images_per_s": round(sum(h["images_per_s"] * h["seconds"] for h in history) / max(1e-9, sum(h["seconds"] for h in history)), 1),
-        "device": str(device), "processes": info.world, "amp": str(dtype).replace("torch.", "") if dtype else "none",
-        "ema": ema is not None, "skipped_files": len(t.skipped), "skipped": sorted(t.skipped),
-        "per_class_top1": {c: round(a, 2) for c, a in zip(classes, result.per_class)},
+        "model": _model_name(cfg), "params": param_count(t.model), "task": task.name, "data": cfg.data,
+        "epochs": cfg.epochs, "best_" + task.score.removeprefix("val_"): best[task.score] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "best_weights": _best_weights(run.out, _best_record(task, best)),
+        **task.summary(final),
+        "train_seconds": round(run.train_seconds, 1), "wall_seconds": round(run.wall(), 1),
+        "images_per_s": round(sum(h["images_per_s"] * h["seconds"] for h in run.history) / max(1e-9, seconds), 1),
+        "device": str(t.device), "processes": t.dist.world, "amp": str(t.dtype).replace("torch.", "") if t.dtype else "none",
+        "ema": t.ema is not None, "skipped_files": len(t.skipped), "skipped": sorted(t.skipped),
         "config": cfg.to_dict(),
     }
-    if info.main:
-        write_text(out / "summary.json", json.dumps(summary, indent=2))
-        from .plots import plot_confusion, plot_curves
-
-        plot_curves(history, out / "curves.png")
-        plot_confusion(result.confusion, classes, out / "confusion_matrix.png",
-                       f"{summary['model']}: top-1 {result.top1:.2f}% on {result.count} images")
+    if t.dist.main:
+        write_text(run.out / "summary.json", json.dumps(summary, indent=2))
+        task.plots(run.history, final, run.out, summary["model"])
     return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Run-directory helpers
 # ---------------------------------------------------------------------------------------------------------------
-def _best_weights(out: Path, best: dict | None) -> str | None:
-    """RUN/best when it holds the weights of `best` (the history's best evaluation), else None: a run from before
-    best/ existed, or one killed between writing best/ and its checkpoint whose redone epoch scored lower."""
+def _best_weights(out: Path, record: dict[str, Any] | None) -> str | None:
+    """RUN/best when its best.json is `record` (the history's best evaluation), else None: a run from before best/
+    existed, or one killed between writing best/ and its checkpoint whose redone epoch scored lower."""
     try:
         saved = json.loads((out / "best" / "best.json").read_text())
     except (OSError, ValueError):
         return None
-    same = best is not None and saved == {"epoch": best["epoch"], "val_top1": best["val_top1"]}
-    return str(out / "best") if same else None
+    return str(out / "best") if record is not None and saved == record else None
 
 
 def _append_line(path: Path, row: dict) -> None:
@@ -864,15 +828,15 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _log_epoch(writer, row: dict, epochs: int) -> None:
-    val = f", val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%" if row["val_top1"] is not None else ""
+def _log_epoch(writer, row: dict, epochs: int, task: Task) -> None:
+    val = f", {task.format_metrics(row)}" if row[task.score] is not None else ""
     log.info("epoch %d/%d: train loss %.4f%s, lr %.3g, %.0f images/s, %.1f s", row["epoch"], epochs,
              row["train_loss"], val, row["lr"], row["images_per_s"], row["seconds"])
     if writer is None:
         return
-    for key in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s"):
-        if row[key] is not None:
-            writer.add_scalar(key.replace("_", "/", 1), row[key], row["epoch"])
+    for key, value in row.items():  # train/loss, val/top1, lr, ...
+        if key not in ("epoch", "seconds") and value is not None:
+            writer.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
     writer.flush()
 
 

@@ -1,9 +1,9 @@
-"""PNG plots of a run: training curves and a confusion matrix (matplotlib, Agg backend: no display needed)."""
+"""PNG plots of a run: training curves (any task's metrics) and a confusion matrix (matplotlib, Agg: no display)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -17,19 +17,25 @@ def _pyplot():
     return plt
 
 
-def plot_curves(history: Sequence[dict], path: str | Path) -> Path:
-    """Train loss and validation top-1/top-5 per epoch (the lines of metrics.jsonl)."""
+def plot_curves(history: Sequence[dict], path: str | Path,
+                metrics: Mapping[str, str] | None = None, ylabel: str = "accuracy (%)",
+                title: str = "validation accuracy") -> Path:
+    """Train and validation loss, and the validation `metrics` (column -> label; default top-1 and top-5), per
+    epoch (the lines of metrics.jsonl)."""
     plt = _pyplot()
+    metrics = {"val_top1": "top-1", "val_top5": "top-5"} if metrics is None else metrics
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
     val = [h for h in history if h.get("val_loss") is not None]
     if val:
         ax_loss.plot([h["epoch"] for h in val], [h["val_loss"] for h in val], marker="o", label="val loss")
-        ax_acc.plot([h["epoch"] for h in val], [h["val_top1"] for h in val], marker="o", label="top-1")
-        ax_acc.plot([h["epoch"] for h in val], [h["val_top5"] for h in val], marker="o", label="top-5")
+    for key, label in metrics.items():
+        scored = [h for h in history if h.get(key) is not None]
+        if scored:
+            ax_acc.plot([h["epoch"] for h in scored], [h[key] for h in scored], marker="o", label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
+    ax_acc.set(xlabel="epoch", ylabel=ylabel, title=title)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -23,9 +23,20 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
+# The task a data spec implies when a recipe names none, by the spec's prefix; any other spec (fashion-mnist,
+# imagefolder:PATH) is classification.
+DATA_TASKS = {"coco": "detection", "seg": "segmentation"}
+
+
+def default_task(data: str) -> str:
+    return DATA_TASKS.get(data.partition(":")[0], "classification")
+
+
 @dataclass
 class TrainConfig:
     # ---- what to train --------------------------------------------------------------------------------------
+    # What the model learns (`cvt.tasks`): "classification". None: the data's (default_task above).
+    task: str | None = None
     # A registered variant (`cvt zoo`). None: "cvt_tiny", or the architecture a --pretrained checkpoint describes.
     model: str | None = None
     # CvTConfig fields to change, e.g. {drop_path_rate: 0.1, depths: [1, 2, 4]}.
@@ -92,6 +103,8 @@ class TrainConfig:
             self.model_args = {}
         if isinstance(self.crop_scale, list):
             self.crop_scale = tuple(self.crop_scale)
+        if self.task is None and isinstance(self.data, str):
+            self.task = default_task(self.data)  # recipe.yaml and the checkpoint record the task that trained
         for name in ("pretrained", "data_dir", "out"):  # a Path from Python code; recipe.yaml stores text
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
@@ -115,6 +128,9 @@ class TrainConfig:
         need(self.model is None or isinstance(self.model, str), "model", "a model name")
         need(isinstance(self.model_args, dict), "model_args", "a mapping of CvTConfig fields")
         need(isinstance(self.data, str) and bool(self.data), "data", "'fashion-mnist' or 'imagefolder:PATH'")
+        from .tasks import task_names
+
+        need(self.task in task_names(), "task", f"one of {', '.join(task_names())}")
         need(self.img_size is None or (is_int(self.img_size) and self.img_size >= 1), "img_size", "a positive integer")
         need(is_num(self.crop_pct) and 0 < self.crop_pct <= 1, "crop_pct", "in (0, 1]")
         need(self.interpolation in INTERPOLATIONS, "interpolation", f"one of {', '.join(INTERPOLATIONS)}")

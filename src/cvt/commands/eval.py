@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import BatchTransform, build_data, data_info, preprocess_for
-    from ..engine import amp_dtype, evaluate, pick_device
+    from ..engine import amp_dtype, pick_device
     from ..plots import plot_confusion
+    from ..tasks.classification import evaluate
     from . import load_classifier
     from ..utils import atomic_write
 

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import BatchTransform, file_transform, open_image, preprocess_for
-    from ..engine import log_probs, pick_device
+    from ..engine import pick_device
+    from ..tasks.classification import log_probs
     from . import load_classifier
 
     if args.top_k < 1 or args.batch_size < 1:

@@ -128,6 +128,7 @@ def _refuse_to_replace_a_run(out: Path, overwrite: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..engine import Interrupted, fit, load_state
     from ..recipe import TrainConfig, build_config, load_recipe
+    from ..tasks import get_task
 
     setup_logging()
     flags = {name: getattr(args, name) for _, name, _, _ in FLAGS if getattr(args, name) is not None}
@@ -146,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         base = dict(state["config"])
         # Runs from before ema_warmup was a setting had timm's EMA warm-up always on: they resume as they began.
         base.setdefault("ema_warmup", True)
+        # and runs from before tasks were classification (their data implies it; this says it whatever the data)
+        base.setdefault("task", state.get("task", "classification"))
         if args.resume is not True and "out" not in flags and "out" not in settings:
             # The run continues where its checkpoint is (a copied or moved run folder), not in the folder it was
             # first written to, which the checkpoint names and a recipe may name too.
@@ -159,14 +162,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"cvt train: {e}", file=sys.stderr)
         return 128 + int(e.signum)
     if os.environ.get("RANK", "0") == "0":
-        best = ""
-        if summary["best_top1"] is not None:
-            where = f", weights in {summary['best_weights']}" if summary["best_weights"] else ""
-            best = f" (best {summary['best_top1']:.2f}% at epoch {summary['best_epoch']}{where})"
         print(
-            f"{summary['model']}: final top-1 {summary['final_top1']:.2f}%{best}, top-5 {summary['final_top5']:.2f}% "
-            f"on {summary['val_images']} images; {summary['train_seconds']:.0f} s training, "
-            f"{summary['images_per_s']:.0f} images/s; run folder {cfg.out}"
+            f"{summary['model']}: {get_task(summary['task']).headline(summary)}; {summary['train_seconds']:.0f} s "
+            f"training, {summary['images_per_s']:.0f} images/s; run folder {cfg.out}"
         )
         if summary["skipped_files"]:
             print(f"skipped {summary['skipped_files']} unreadable file(s); listed in {cfg.out}/summary.json")
