@@ -11,7 +11,9 @@ import cvt
 from cvt import CvTConfig
 from cvt.model import output_size
 
-_MODEL = cvt.create_model("cvt_13", depths=(1, 1, 1), embed_dims=(16, 32, 64), num_heads=(1, 2, 2), num_classes=5).eval()
+_MODEL = cvt.create_model(
+    "cvt_13", depths=(1, 1, 1), embed_dims=(16, 32, 64), num_heads=(1, 2, 2), num_classes=5
+).eval()
 _BACKBONE = cvt.create_model(
     "cvt_13", depths=(1, 1, 1), embed_dims=(16, 32, 64), num_heads=(1, 2, 2), features_only=True
 ).eval()

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(sub)
     args = parser.parse_args(argv)
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        return int(importlib.import_module(args._module).run(args) or 0)  # noqa: SLF001 - set by build_parser
     except KeyboardInterrupt:
         print("cvt: interrupted", file=sys.stderr)
         return 130

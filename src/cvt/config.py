@@ -163,7 +163,7 @@ class CvTConfig:
     def num_features(self) -> int:
         return self.embed_dims[-1]
 
-    def replace(self, **changes: Any) -> "CvTConfig":
+    def replace(self, **changes: Any) -> CvTConfig:
         """A copy with some fields changed (validated); unknown names are a clear error."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
@@ -176,8 +176,8 @@ class CvTConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CvTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CvTConfig:
         return cls().replace(**d)
 
-    def same_architecture(self, other: "CvTConfig") -> bool:
+    def same_architecture(self, other: CvTConfig) -> bool:
         return all(getattr(self, f) == getattr(other, f) for f in ARCHITECTURE_FIELDS)

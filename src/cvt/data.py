@@ -18,9 +18,10 @@ import os
 import re
 import signal
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ class Preprocess:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
         if d.get("crop_mode", "center") not in ("center", "squash"):
             raise ValueError(f"crop_mode must be center or squash, got {d['crop_mode']!r}")
         return cls(
@@ -70,7 +71,7 @@ class Preprocess:
         )
 
     @classmethod
-    def default_for(cls, in_chans: int, img_size: int) -> "Preprocess":
+    def default_for(cls, in_chans: int, img_size: int) -> Preprocess:
         """What cvt's own recipes use: Fashion-MNIST statistics for grey models, ImageNet's for colour ones."""
         mean, std = (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if in_chans == 1 else (IMAGENET_MEAN, IMAGENET_STD)
         if len(mean) != in_chans:
@@ -128,7 +129,9 @@ def load_fashion_mnist(split: str, data_dir: str | os.PathLike | None = None) ->
     images_file, labels_file = FASHION_MNIST_FILES[split]
     images, labels = read_idx(pick(images_file)), read_idx(pick(labels_file))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"Fashion-MNIST {split} files in {folder} disagree: images {images.shape}, labels {labels.shape}")
+        raise ValueError(
+            f"Fashion-MNIST {split} files in {folder} disagree: images {images.shape}, labels {labels.shape}"
+        )
     if labels.max() >= len(FASHION_MNIST_CLASSES):
         raise ValueError(f"Fashion-MNIST {split} labels in {folder} go up to {labels.max()}; expected 0-9")
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))

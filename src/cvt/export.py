@@ -30,7 +30,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, 
     model = model.eval()
     x = _example(model, img_size)
     Dim, side = torch.export.Dim, model.min_input_size()
-    dims = {0: Dim("batch", min=1, max=1 << 16), 2: Dim("height", min=side, max=1 << 14), 3: Dim("width", min=side, max=1 << 14)}
+    dims = {
+        0: Dim("batch", min=1, max=1 << 16),
+        2: Dim("height", min=side, max=1 << 14),
+        3: Dim("width", min=side, max=1 << 14),
+    }
     outputs = [f"map{i}" for i in range(len(model.out_indices))] if model.features_only else ["logits"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's progress chatter and deprecation notes
@@ -60,7 +64,11 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, img_size: int 
 
 
 def export(
-    checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx", img_size: int = 224, opset: int | None = None
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    fmt: str = "onnx",
+    img_size: int = 224,
+    opset: int | None = None,
 ) -> Path:
     """Load `checkpoint` (any format `cvt.from_pretrained` reads) and export it as `fmt`."""
     from .registry import from_pretrained

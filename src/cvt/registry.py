@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .config import ARCHITECTURE_FIELDS, COMPUTE_FIELDS, CvTConfig
 from .model import CvT

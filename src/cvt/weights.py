@@ -51,7 +51,10 @@ _HF_NAMES = [
     ("stages.{i}.blocks.{j}.norm1.", _BLOCK + "layernorm_before."),
     ("stages.{i}.blocks.{j}.norm2.", _BLOCK + "layernorm_after."),
     *[
-        (f"stages.{{i}}.blocks.{{j}}.attn.conv_proj_{s}.{ours}.", _ATTN + f"convolution_projection_{name}.convolution_projection.{theirs}.")
+        (
+            f"stages.{{i}}.blocks.{{j}}.attn.conv_proj_{s}.{ours}.",
+            _ATTN + f"convolution_projection_{name}.convolution_projection.{theirs}.",
+        )
         for s, name in _QKV
         for ours, theirs in (("conv", "convolution"), ("bn", "normalization"))
     ],
@@ -159,7 +162,9 @@ def config_from_hf(hf: dict[str, Any]) -> CvTConfig:
         if name.startswith("padding"):
             expected = scalar("kernel_qkv", 3) // 2
         if len(values) != 1 or (name != "kernel_qkv" and values != {expected}):
-            raise CheckpointError(f"this Hugging Face CvT has {name}={sorted(values)}, which this library does not build")
+            raise CheckpointError(
+                f"this Hugging Face CvT has {name}={sorted(values)}, which this library does not build"
+            )
     if set(hf.get("qkv_projection_method", ["dw_bn"])) != {"dw_bn"}:
         raise CheckpointError("only the 'dw_bn' convolutional projection (every released CvT) is supported")
     num_labels = len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 1000)
@@ -249,7 +254,8 @@ class Checkpoint:
 
 def _hub_hint(spec: Any) -> str:
     return (
-        f"pretrained={spec if spec is True else str(spec)!r}: weights are never downloaded; pass a local file or folder instead: the authors' "
+        f"pretrained={spec if spec is True else str(spec)!r}: weights are never downloaded; "
+        "pass a local file or folder instead: the authors' "
         "'CvT-13-224x224-IN-1k.pth', a folder saved by transformers' save_pretrained (config.json + "
         "model.safetensors), or a cvt 'model.safetensors'"
     )
@@ -277,7 +283,9 @@ def _torch_load(path: Path) -> Any:
                 "tensors are loaded. If you trust the file, save its weights alone: torch.save(torch.load(path, "
                 "weights_only=False)['state_dict'], 'weights.pth')"
             ) from None
-        raise CheckpointError(f"could not read {path}: truncated or not a PyTorch checkpoint ({type(e).__name__})") from None
+        raise CheckpointError(
+            f"could not read {path}: truncated or not a PyTorch checkpoint ({type(e).__name__})"
+        ) from None
 
 
 def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -350,7 +358,8 @@ def _looks_like_a_hub_name(spec: str | os.PathLike) -> bool:
     text = str(spec)
     if os.path.exists(text) or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         return False
-    return Path(text).suffix not in (".safetensors", ".pth", ".pt", ".bin", ".json") and not os.path.isdir(text.split("/")[0])
+    suffix = Path(text).suffix
+    return suffix not in (".safetensors", ".pth", ".pt", ".bin", ".json") and not os.path.isdir(text.split("/")[0])
 
 
 def read_checkpoint(spec: str | os.PathLike) -> Checkpoint:
@@ -465,7 +474,9 @@ def load_into(model: nn.Module, ckpt: Checkpoint, *, backbone: bool = False) -> 
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
     ]
     if missing or unexpected or mismatched:
         parts = []

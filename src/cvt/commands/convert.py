@@ -15,7 +15,9 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint file or folder (authors' .pth, Hugging Face folder, cvt .safetensors)")
     parser.add_argument("dst", help="output: NAME.safetensors (cvt), NAME.pth (authors'), or a folder (Hugging Face)")
-    parser.add_argument("--to", choices=("cvt", "hf", "authors"), default=None, help="output format (default: from DST)")
+    parser.add_argument(
+        "--to", choices=("cvt", "hf", "authors"), default=None, help="output format (default: from DST)"
+    )
     parser.add_argument("--model", default=None, help="registered model name, when SRC carries no config")
     parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
 
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("SRC and DST are the same path")
     beside = dst.parent / "config.json"
     if fmt == "cvt" and beside.is_file() and not args.force and not _is_cvt_config(beside):
-        # cvt's .safetensors writes its config.json beside it: another one there (a Hugging Face folder's) would be lost.
+        # cvt's .safetensors writes its config.json beside it: another one there (a Hugging Face folder's) would be
+        # lost.
         raise FileExistsError(
             f"{beside} belongs to another model (it would be replaced by {dst.name}'s); "
             "write to another folder or pass --force"

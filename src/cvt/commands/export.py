@@ -11,10 +11,17 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint file or folder (cvt .safetensors, Hugging Face folder, authors' .pth)")
+    parser.add_argument(
+        "checkpoint", help="checkpoint file or folder (cvt .safetensors, Hugging Face folder, authors' .pth)"
+    )
     parser.add_argument("out", help="output file (e.g. model.onnx or model.pt)")
-    parser.add_argument("--format", choices=("onnx", "torchscript"), default=None, help="default: from OUT's suffix (.onnx -> onnx, else torchscript)")
-    parser.add_argument("--img-size", type=int, default=224, help="side of the example input used to trace the model (default 224)")
+    parser.add_argument(
+        "--format", choices=("onnx", "torchscript"), default=None,
+        help="default: from OUT's suffix (.onnx -> onnx, else torchscript)",
+    )
+    parser.add_argument(
+        "--img-size", type=int, default=224, help="side of the example input used to trace the model (default 224)"
+    )
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 

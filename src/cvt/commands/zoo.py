@@ -6,7 +6,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--img-size", type=int, default=None, help="count MACs at this size (default: each model's own)")
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="count MACs at this size (default: each model's own)"
+    )
 
 
 def zoo_rows(img_size: int | None = None) -> list[dict]:
