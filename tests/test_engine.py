@@ -1,8 +1,9 @@
 """The training engine's pieces on their own: which parameters are decayed, the learning-rate schedule, and
-evaluation with test-time augmentation."""
+evaluation with test-time augmentation, and the loop with a task other than classification."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -85,3 +86,125 @@ def test_hflip_tta_is_the_mean_of_the_two_views_probabilities():
     assert single.loss == pytest.approx(torch.nn.functional.cross_entropy(model(x), y).item(), rel=1e-5)
     with pytest.raises(ValueError, match="tta must be one of none, hflip"):
         log_probs(model, x, "vflip")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop with a task that is not classification
+# ---------------------------------------------------------------------------------------------------------------
+class _Locator(torch.nn.Module):
+    """A detector's shape of interface on a tiny CvT: a list of images and target dicts in, a dict of losses out
+    (training), a (N, 2) point per image in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = cvt.create_model("cvt_tiny", in_chans=1, num_classes=2, depths=(1, 1, 1),
+                                         embed_dims=(16, 32, 64), num_heads=(1, 1, 2))
+
+    def forward(self, images, targets=None):
+        points = self.backbone(torch.stack(images))  # (N, 2)
+        if targets is None:
+            return points
+        truth = torch.stack([t["point"] for t in targets])
+        return {"loss_l2": torch.nn.functional.mse_loss(points, truth),
+                "loss_l1": torch.nn.functional.l1_loss(points, truth)}
+
+
+def _point_task(scores):
+    from safetensors.torch import save_file
+
+    from cvt.tasks import Evaluation, Task
+
+    class Points(Task):
+        """Batches of (list of images, list of {"point": (2,)} dicts, errors); the loss is the sum of the model's
+        loss dict; the score is an error, lower is better, scripted here from `scores`."""
+
+        name, score, higher_is_better, metrics = "points", "val_err", False, ("val_err",)
+
+        def build(self, *, state, device, dist, micro_batch):
+            g = torch.Generator().manual_seed(0)
+            batches = [([torch.rand(1, 16, 16, generator=g) for _ in range(micro_batch)],
+                        [{"point": torch.rand(2, generator=g)} for _ in range(micro_batch)], []) for _ in range(3)]
+            self.train, self.val = batches, batches[:1]
+            model = _Locator()
+            if state is not None:
+                model.load_state_dict(state["model"])
+            return model.to(device)
+
+        def set_epoch(self, epoch, start):
+            self.train = self.train[start:] + self.train[:start]
+
+        def prepare(self, batch, device):
+            images, targets, _ = batch
+            return (images, targets), len(images)
+
+        def loss(self, net, inputs):
+            return sum(net(*inputs).values())
+
+        def evaluate(self, model, *, device, dtype, dist):
+            self.evaluated = {k: v.clone() for k, v in model.state_dict().items()}
+            return Evaluation(metrics={"val_err": next(scores)}, count=len(self.val[0][0]))
+
+        def save_weights(self, model, folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+
+        def files(self):
+            return {"points.json": "{}"}
+
+    return Points
+
+
+def test_the_loop_trains_a_task_with_list_batches_a_loss_dict_and_a_lower_is_better_score(tmp_path, monkeypatch,
+                                                                                          one_thread):
+    """Nothing in the loop assumes (x, y) tensors, classes or top-1: a detection-shaped task trains, records its
+    own columns, keeps the weights of its lowest error in best/, and a resumed run keeps its task."""
+    from safetensors.torch import load_file
+
+    from cvt import engine, tasks
+    from cvt.recipe import TrainConfig
+
+    scores = iter([3.0, 1.0, 1.0, 2.0, 0.5])
+    Points = _point_task(scores)
+    monkeypatch.setitem(tasks._TASKS, "points", Points)
+    weights_at = []
+    real_evaluate = Points.evaluate
+
+    def evaluate(self, model, **kw):
+        result = real_evaluate(self, model, **kw)
+        weights_at.append(self.evaluated)
+        return result
+
+    monkeypatch.setattr(Points, "evaluate", evaluate)
+    out = tmp_path / "run"
+    cfg = TrainConfig(task="points", batch_size=2, epochs=4, lr=1e-3, ema_decay=0.5, device="cpu", out=str(out),
+                      grad_checkpointing=True)
+    summary = engine.fit(cfg)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [list(r) for r in rows] == [["epoch", "train_loss", "val_err", "lr", "images_per_s", "seconds"]] * 4
+    assert [r["val_err"] for r in rows] == [3.0, 1.0, 1.0, 2.0] and all(math.isfinite(r["train_loss"]) for r in rows)
+    assert rows[0]["images_per_s"] > 0
+    assert (summary["task"], summary["best_err"], summary["best_epoch"]) == ("points", 1.0, 2)  # the first of equals
+    assert summary["best_weights"] == str(out / "best") and summary["final_err"] == 2.0 and summary["val_images"] == 2
+    assert json.load(open(out / "best" / "best.json")) == {"epoch": 2, "val_err": 1.0}
+    assert (out / "best" / "points.json").exists() and (out / "points.json").exists()
+    best = load_file(out / "best" / "model.safetensors")
+    assert all(torch.equal(best[k], weights_at[1][k]) for k in best)  # epoch 2's (EMA) weights
+    state = engine.load_state(out)[0]
+    assert state["task"] == "points" and state["config"]["task"] == "points" and state["epoch"] == 4
+
+    summary = engine.fit(cfg.replace(epochs=5), resume=out)
+    assert (summary["best_err"], summary["best_epoch"]) == (0.5, 5)
+    with pytest.raises(ValueError, match="a resumed run keeps its task; task 'classification' differs from the run's 'points'"):
+        engine.fit(cfg.replace(task="classification", epochs=6), resume=out)
+
+
+def test_task_registry_and_defaults_from_the_data():
+    from cvt.recipe import TrainConfig, default_task
+    from cvt.tasks import get_task, task_names
+
+    assert "classification" in task_names() and get_task("classification").score == "val_top1"
+    assert get_task("classification").higher_is_better
+    assert TrainConfig().task == "classification" and TrainConfig(data="imagefolder:/x").task == "classification"
+    assert (default_task("coco:/data/coco"), default_task("seg:/data/ade")) == ("detection", "segmentation")
+    with pytest.raises(ValueError, match="unknown task 'detection'; known tasks: classification"):
+        get_task("detection")

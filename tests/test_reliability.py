@@ -120,6 +120,7 @@ def _resume_matches(straight: Path, run: Path, loss_tolerance: float = 0.0) -> N
 # ---------------------------------------------------------------------------------------------------------------
 # 1. SIGKILL mid-epoch, --resume: the weights of the uninterrupted run
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, many):
     extra = ["--epochs", "3", *AUGMENT]
     assert main(_argv(many, tmp_path / "straight", *extra)) == 0
@@ -140,6 +141,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, many):
     _resume_matches(tmp_path / "straight", run)
 
 
+@pytest.mark.slow
 def test_periodic_checkpoints_within_epochs_change_nothing_and_survive_sigkill(tmp_path, many):
     """`checkpoint_minutes`: here a checkpoint after every step. The run pauses for each and goes on; killed
     outright mid-epoch, it resumes from the last step saved and ends with the weights of a run that never paused."""
@@ -236,6 +238,7 @@ def _killed_mid_write(path: str) -> None:
     atomic_write(Path(path), half_then_die)
 
 
+@pytest.mark.slow
 def test_write_killed_halfway_leaves_checkpoint_and_resume_cleans_up(tmp_path, folder):
     run = tmp_path / "run"
     assert main(_argv(folder, run, "--epochs", "1")) == 0
@@ -334,6 +337,7 @@ def test_dataloader_workers_ignore_stop_signals(folder):
     assert next(iter(loader)).tolist() == [[True, True]]
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_process_group_with_workers_checkpoints_and_resumes(tmp_path, big):
     """The case that crashed: the main process waits for a batch when Ctrl-C reaches it and the workers. Large
     images make it wait most of the time; workers started by a fork server (Python >= 3.14 on Linux; spawn on
@@ -356,6 +360,7 @@ def test_ctrl_c_to_process_group_with_workers_checkpoints_and_resumes(tmp_path, 
     assert [json.loads(x)["epoch"] for x in open(run / "metrics.jsonl")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigterm_from_outside_checkpoints_and_resumes(tmp_path, fake_fmnist):
     run = tmp_path / "run"
     argv = ["train", *TINY, "--data-dir", str(fake_fmnist), "--batch-size", "8", "--epochs", "2", "--out", str(run)]
@@ -467,6 +472,7 @@ def ddp_runs(tmp_path_factory, fake_fmnist, broken_split):
     return tmp
 
 
+@pytest.mark.slow
 def test_ddp_summary_counts_skipped_files_of_every_rank(ddp_runs, broken_split):
     _, reader = broken_split
     assert len(reader) == 4 and set(reader.values()) == {0, 1}  # both ranks meet unreadable files
@@ -477,6 +483,7 @@ def test_ddp_summary_counts_skipped_files_of_every_rank(ddp_runs, broken_split):
     assert sorted(state["skipped"]) == sorted(reader)
 
 
+@pytest.mark.slow
 def test_sync_batch_norm_is_batch_norm_of_the_whole_batch(ddp_runs):
     """Two ranks with half a batch each: outputs, input gradients, the summed parameter gradients (what DDP
     all-reduces) and the running statistics are those of one BatchNorm over the whole batch."""
@@ -489,6 +496,7 @@ def test_sync_batch_norm_is_batch_norm_of_the_whole_batch(ddp_runs):
     torch.testing.assert_close(r[0]["db"] + r[1]["db"], r[0]["db_ref"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_ddp_with_sync_bn_trains_as_one_process(ddp_runs, fake_fmnist):
     """2 processes x 8 images with sync_bn vs 1 process x 16 images (8 AdamW steps): the same run up to float
     rounding; without sync_bn each rank normalises its own 8 images and the run is another one."""

@@ -367,6 +367,7 @@ def _ddp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None
     torch.save({"params": dict(seen["model"].named_parameters()), "summary": summary}, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_agree(tmp_path, folder, capsys):
     import torch.multiprocessing as mp
 
@@ -390,11 +391,13 @@ def test_ddp_two_cpu_processes_agree(tmp_path, folder, capsys):
 
 
 def test_runs_from_before_ema_warmup_resume_with_it_on(tmp_path, folder, monkeypatch):
-    """Checkpoints written before `ema_warmup` existed had timm's warm-up always on; a resume keeps it on."""
+    """Checkpoints written before `ema_warmup` existed had timm's warm-up always on; a resume keeps it on. They
+    predate tasks too (no `task` entry): they resume as classification."""
     rc, run = _train(tmp_path, folder, "--epochs", "1", "--ema-decay", "0.9")
     assert rc == 0
     state = torch.load(f"{run}/checkpoint.pt", weights_only=True)
-    del state["config"]["ema_warmup"]
+    assert state["task"] == state["config"]["task"] == "classification"
+    del state["config"]["ema_warmup"], state["config"]["task"], state["task"]
     torch.save(state, f"{run}/checkpoint.pt")
     from timm.utils import ModelEmaV3
 
@@ -404,4 +407,7 @@ def test_runs_from_before_ema_warmup_resume_with_it_on(tmp_path, folder, monkeyp
                         lambda self, *a, **kw: (seen.append(kw.get("use_warmup")), real_init(self, *a, **kw))[1])
     assert main(["train", "--out", run, "--resume", "--epochs", "2"]) == 0
     assert seen == [True]
-    assert torch.load(f"{run}/checkpoint.pt", weights_only=True)["config"]["ema_warmup"] is True
+    state = torch.load(f"{run}/checkpoint.pt", weights_only=True)
+    assert state["config"]["ema_warmup"] is True
+    assert state["task"] == state["config"]["task"] == "classification"
+    assert json.load(open(f"{run}/summary.json"))["task"] == "classification"

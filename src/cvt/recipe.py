@@ -130,6 +130,9 @@ class TrainConfig:
         need(isinstance(self.data, str) and bool(self.data), "data", "'fashion-mnist' or 'imagefolder:PATH'")
         from .tasks import task_names
 
+        if isinstance(self.data, str) and self.task == default_task(self.data) not in task_names():
+            raise ValueError(f"data {self.data!r} implies task {self.task!r}, which cvt cannot train yet; "
+                             f"known tasks: {', '.join(task_names())}")
         need(self.task in task_names(), "task", f"one of {', '.join(task_names())}")
         need(self.img_size is None or (is_int(self.img_size) and self.img_size >= 1), "img_size", "a positive integer")
         need(is_num(self.crop_pct) and 0 < self.crop_pct <= 1, "crop_pct", "in (0, 1]")
