@@ -194,7 +194,8 @@ def test_the_loop_trains_a_task_with_list_batches_a_loss_dict_and_a_lower_is_bet
 
     summary = engine.fit(cfg.replace(epochs=5), resume=out)
     assert (summary["best_err"], summary["best_epoch"]) == (0.5, 5)
-    with pytest.raises(ValueError, match="a resumed run keeps its task; task 'classification' differs from the run's 'points'"):
+    kept = "a resumed run keeps its task; task 'classification' differs from the run's 'points'"
+    with pytest.raises(ValueError, match=kept):
         engine.fit(cfg.replace(task="classification", epochs=6), resume=out)
 
 

@@ -24,10 +24,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import cvt
+from conftest import TINY, TINY_ARGS, make_image, write_image_folder
 from cvt import engine
 from cvt.cli import main
-
-from conftest import TINY, TINY_ARGS, make_image, write_image_folder
 
 # Every augmentation there is: per-image RandAugment and flips (in the DataLoader), mixup/cutmix and random erasing
 # (on the batch), EMA on top.
@@ -441,7 +440,8 @@ def _equivalence_cfg(data_dir, out, sync_bn: bool) -> dict:
 @pytest.fixture(scope="module")
 def broken_split(tmp_path_factory):
     """24 training files, 4 of them unreadable, and the rank (of 2) that reads each in epoch 1 at batch 8."""
-    root = write_image_folder(tmp_path_factory.mktemp("broken_split"), 3, {"train": 8, "val": 1}, classes=("a", "b", "c"))
+    root = write_image_folder(tmp_path_factory.mktemp("broken_split"), 3, {"train": 8, "val": 1},
+                              classes=("a", "b", "c"))
     broken = [str(root / "train" / name / f"{i}.png") for i, name in enumerate(("a", "b", "c", "c"))]
     for path in broken:
         Path(path).write_bytes(b"not a PNG")

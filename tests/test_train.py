@@ -18,10 +18,8 @@ import torch
 
 import cvt
 import cvt.data  # cvt.data.* below; `import cvt` alone does not load it
-from cvt.cli import main
-
 from conftest import CLASSES, TINY, TINY_ARGS
-
+from cvt.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,7 +105,8 @@ def test_best_weights_folder(tmp_path, folder, monkeypatch, capsys):
 
 
 def test_eval_and_predict(trained, folder, capsys):
-    assert main(["eval", "--checkpoint", f"{trained}/model.safetensors", "--data", f"imagefolder:{folder}", "--json"]) == 0
+    assert main(["eval", "--checkpoint", f"{trained}/model.safetensors", "--data", f"imagefolder:{folder}",
+                 "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     summary = json.load(open(f"{trained}/summary.json"))
     assert report["images"] == 9 and report["classes"] == CLASSES

@@ -35,9 +35,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from torch import nn
 from .model import CvT, param_count
 from .recipe import TrainConfig, write_yaml
 from .tasks import DistInfo, Evaluation, Task, autocast, get_task
+
 # Classification's pieces, where callers have always found them (cvt eval, cvt predict, tests).
 from .tasks.classification import TTA_MODES, EvalResult, build_model, evaluate, log_probs, resolve_img_size  # noqa: F401
 from .utils import atomic_write, mix_seed, seed_everything, write_text
@@ -218,7 +220,7 @@ class EpochStats:
         """What an interrupted epoch had done, for the checkpoint: the resumed epoch reports the whole epoch."""
         return {"loss": self.loss, "taken": self.taken, "images": self.images, "seconds": self.seconds}
 
-    def after(self, before: dict[str, Any] | None) -> "EpochStats":
+    def after(self, before: dict[str, Any] | None) -> EpochStats:
         """These stats continued from an interrupted part of the same epoch (`partial()` of it)."""
         if not before:
             return self
@@ -419,7 +421,7 @@ class _StopFlag:
         # save, say) waits for the next step's call, so that no rank stops while another goes on.
         self.stopping = False
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -536,7 +538,8 @@ def _check_settings(cfg: TrainConfig, info: DistInfo, state: dict[str, Any] | No
     task = get_task(cfg.task)(cfg)
     if cfg.batch_size % (info.world * cfg.accum_steps):
         raise ValueError(
-            f"batch_size {cfg.batch_size} must be divisible by processes x accum_steps = {info.world} x {cfg.accum_steps}"
+            f"batch_size {cfg.batch_size} must be divisible by processes x accum_steps = "
+            f"{info.world} x {cfg.accum_steps}"
         )
     micro = cfg.batch_size // (info.world * cfg.accum_steps)
     task.check(micro)
@@ -683,7 +686,7 @@ def _train(run: Run, progress: bool) -> Evaluation:
     return final
 
 
-def _train_epoch(run: Run, epoch: int, stop: "_StopFlag", progress: bool) -> EpochStats:
+def _train_epoch(run: Run, epoch: int, stop: _StopFlag, progress: bool) -> EpochStats:
     """One epoch, in parts when it pauses for a periodic checkpoint; a signal checkpoints and raises Interrupted.
     The stats cover the whole epoch, the part before a resume included."""
     t, cfg, steps = run.trainer, run.cfg, run.steps_per_epoch
@@ -789,7 +792,8 @@ def _summarize(run: Run, final: Evaluation) -> dict[str, Any]:
         **task.summary(final),
         "train_seconds": round(run.train_seconds, 1), "wall_seconds": round(run.wall(), 1),
         "images_per_s": round(sum(h["images_per_s"] * h["seconds"] for h in run.history) / max(1e-9, seconds), 1),
-        "device": str(t.device), "processes": t.dist.world, "amp": str(t.dtype).replace("torch.", "") if t.dtype else "none",
+        "device": str(t.device), "processes": t.dist.world,
+        "amp": str(t.dtype).replace("torch.", "") if t.dtype else "none",
         "ema": t.ema is not None, "skipped_files": len(t.skipped), "skipped": sorted(t.skipped),
         "config": cfg.to_dict(),
     }

@@ -161,7 +161,8 @@ class TrainConfig:
              "randaugment", "a timm RandAugment spec like 'rand-m9-mstd0.5-inc1' or null")
         if self.randaugment is not None:
             check_randaugment(self.randaugment)
-        need(isinstance(self.crop_scale, tuple) and len(self.crop_scale) == 2 and all(is_num(v) for v in self.crop_scale)
+        need(isinstance(self.crop_scale, tuple) and len(self.crop_scale) == 2
+             and all(is_num(v) for v in self.crop_scale)
              and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "two numbers 0 < lo <= hi <= 1")
         need(is_int(self.shift) and self.shift >= 0, "shift", "an integer >= 0")
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
@@ -184,7 +185,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         check_keys(changes, "settings")
         return dataclasses.replace(self, **changes)
 
@@ -211,7 +212,8 @@ def check_randaugment(spec: str) -> None:
     parts = spec.split("-")
     if parts[0] != "rand":
         raise ValueError(f"randaugment must start with 'rand' (e.g. 'rand-m9-mstd0.5-inc1'; null: off), got {spec!r}")
-    grammar = ", ".join(h.split(":")[0] for *_, h in _RANDAUGMENT_PARTS.values()) + f", t<{'|'.join(_RANDAUGMENT_SETS)}>"
+    keys = ", ".join(h.split(":")[0] for *_, h in _RANDAUGMENT_PARTS.values())
+    grammar = f"{keys}, t<{'|'.join(_RANDAUGMENT_SETS)}>"
     for part in parts[1:]:
         if part.startswith("t"):
             if part[1:] not in _RANDAUGMENT_SETS:

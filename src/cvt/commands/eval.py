@@ -15,7 +15,8 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="weights in any format (cvt, Hugging Face, authors')")
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist (test split) or imagefolder:PATH (PATH/val)")
+    parser.add_argument("--data", default="fashion-mnist",
+                        help="fashion-mnist (test split) or imagefolder:PATH (PATH/val)")
     parser.add_argument("--data-dir", help="folder of the four Fashion-MNIST .gz files")
     parser.add_argument("--img-size", type=int, help="evaluation side (default: what the checkpoint was trained at)")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -25,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", default="none", choices=("none", "hflip"),
                         help="test-time augmentation: hflip averages each image's and its mirror's probabilities "
                              "(two forward passes; default none, the single-view figure)")
-    parser.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default: beside the checkpoint, in eval/, "
-                             "or eval_hflip/ with --tta hflip)")
+    parser.add_argument("--out", help="folder for eval.json and confusion_matrix.png (default: beside the "
+                             "checkpoint, in eval/, or eval_hflip/ with --tta hflip)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -35,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import amp_dtype, pick_device
     from ..plots import plot_confusion
     from ..tasks.classification import evaluate
-    from . import load_classifier
     from ..utils import atomic_write
+    from . import load_classifier
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

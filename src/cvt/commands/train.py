@@ -16,10 +16,13 @@ from typing import Any
 
 # flag -> TrainConfig field (the flags every user reaches for; --set KEY=VALUE reaches every other field)
 FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--data", "data", str, "fashion-mnist (default) or imagefolder:PATH with PATH/train/<class>/*, PATH/val/<class>/*"),
-    ("--data-dir", "data_dir", str, "folder of the four Fashion-MNIST .gz files (default: /usr/share/datasets/fashion-mnist)"),
+    ("--data", "data", str,
+     "fashion-mnist (default) or imagefolder:PATH with PATH/train/<class>/*, PATH/val/<class>/*"),
+    ("--data-dir", "data_dir", str,
+     "folder of the four Fashion-MNIST .gz files (default: /usr/share/datasets/fashion-mnist)"),
     ("--model", "model", str, "a model from `cvt zoo` (default cvt_tiny, or the --pretrained checkpoint's)"),
-    ("--pretrained", "pretrained", str, "start from these weights (authors' .pth, Hugging Face folder, cvt .safetensors)"),
+    ("--pretrained", "pretrained", str,
+     "start from these weights (authors' .pth, Hugging Face folder, cvt .safetensors)"),
     ("--epochs", "epochs", int, "epochs to train"),
     ("--batch-size", "batch_size", int, "images per optimizer step, over all processes"),
     ("--accum-steps", "accum_steps", int, "gradient accumulation steps per optimizer step"),
@@ -32,7 +35,8 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--amp", "amp", str, "mixed precision: auto, none, bf16, fp16 (auto: bf16 on CUDA, none on CPU)"),
     ("--seed", "seed", int, "random seed (data order, augmentation, initialisation)"),
     ("--device", "device", str, "cpu, cuda or cuda:N (default: cuda when available)"),
-    ("--num-workers", "num_workers", int, "DataLoader workers per process (default: 0 for Fashion-MNIST, else a share of the CPUs)"),
+    ("--num-workers", "num_workers", int,
+     "DataLoader workers per process (default: 0 for Fashion-MNIST, else a share of the CPUs)"),
     ("--eval-every", "eval_every", int, "evaluate every N epochs (the last always)"),
     ("--checkpoint-minutes", "checkpoint_minutes", float,
      "also checkpoint within an epoch every N minutes (default 30; 0: at epoch ends only)"),

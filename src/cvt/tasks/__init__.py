@@ -25,6 +25,6 @@ def get_task(name: str) -> type[Task]:
     return _TASKS[name]
 
 
-from . import classification  # noqa: E402 - registers itself, and needs register_task above
+from . import classification  # noqa: E402, F401 - registers itself, and needs register_task above
 
 __all__ = ["DistInfo", "Evaluation", "Task", "autocast", "get_task", "register_task", "task_names"]

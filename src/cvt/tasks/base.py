@@ -13,9 +13,10 @@ detection task would yield `(list of images, list of target dicts, errors)` and 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -70,7 +71,7 @@ class Task:
     train: Iterable  # set by `build`: this process's training batches (with len: batches an epoch)
     val: Iterable  # set by `build`: this process's share of the validation batches
 
-    def __init__(self, cfg: "TrainConfig"):
+    def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
     # ---- before anything is built ---------------------------------------------------------------------------

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,7 @@ log = logging.getLogger("cvt.train")
 # ---------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------
-def resolve_img_size(cfg: "TrainConfig", model_name: str | None) -> int:
+def resolve_img_size(cfg: TrainConfig, model_name: str | None) -> int:
     if cfg.img_size:
         return cfg.img_size
     _, native = data_info(cfg.data)
@@ -43,7 +44,7 @@ def resolve_img_size(cfg: "TrainConfig", model_name: str | None) -> int:
     return get_variant(model_name).input_size if model_name else 224
 
 
-def build_model(cfg: "TrainConfig", state: dict[str, Any] | None) -> CvT:
+def build_model(cfg: TrainConfig, state: dict[str, Any] | None) -> CvT:
     """The model to train: a resumed run's, a pretrained checkpoint's (any format), or a fresh variant."""
     from ..registry import create_model, from_pretrained
 
