@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 import cvt
 from cvt.data import BatchTransform, Preprocess
 from cvt.engine import WarmupCosine, build_optimizer, evaluate, log_probs
+from cvt.tasks import Evaluation, Task
 
 
 def test_no_weight_decay_on_norms_biases_and_the_cls_token():
@@ -109,49 +111,46 @@ class _Locator(torch.nn.Module):
                 "loss_l1": torch.nn.functional.l1_loss(points, truth)}
 
 
-def _point_task(scores):
-    from safetensors.torch import save_file
+class _Points(Task):
+    """Batches of (list of images, list of {"point": (2,)} dicts, errors); the loss is the sum of the model's loss
+    dict; the score is an error, lower is better, scripted by the test (`scores`)."""
 
-    from cvt.tasks import Evaluation, Task
+    name, score, higher_is_better, metrics = "points", "val_err", False, ("val_err",)
+    scores: Iterator[float]
+    evaluated: list[dict[str, torch.Tensor]]  # the weights of each evaluation
 
-    class Points(Task):
-        """Batches of (list of images, list of {"point": (2,)} dicts, errors); the loss is the sum of the model's
-        loss dict; the score is an error, lower is better, scripted here from `scores`."""
+    def build(self, *, state, device, dist, micro_batch):
+        g = torch.Generator().manual_seed(0)
+        self.batches = [([torch.rand(1, 16, 16, generator=g) for _ in range(micro_batch)],
+                         [{"point": torch.rand(2, generator=g)} for _ in range(micro_batch)], []) for _ in range(3)]
+        self.train, self.val = self.batches, self.batches[:1]
+        model = _Locator()
+        if state is not None:
+            model.load_state_dict(state["model"])
+        return model.to(device)
 
-        name, score, higher_is_better, metrics = "points", "val_err", False, ("val_err",)
+    def set_epoch(self, epoch, start):
+        self.train = self.batches[start:]
 
-        def build(self, *, state, device, dist, micro_batch):
-            g = torch.Generator().manual_seed(0)
-            batches = [([torch.rand(1, 16, 16, generator=g) for _ in range(micro_batch)],
-                        [{"point": torch.rand(2, generator=g)} for _ in range(micro_batch)], []) for _ in range(3)]
-            self.train, self.val = batches, batches[:1]
-            model = _Locator()
-            if state is not None:
-                model.load_state_dict(state["model"])
-            return model.to(device)
+    def prepare(self, batch, device):
+        images, targets, _ = batch
+        return (images, targets), len(images)
 
-        def set_epoch(self, epoch, start):
-            self.train = self.train[start:] + self.train[:start]
+    def loss(self, net, inputs):
+        return sum(net(*inputs).values())
 
-        def prepare(self, batch, device):
-            images, targets, _ = batch
-            return (images, targets), len(images)
+    def evaluate(self, model, *, device, dtype, dist):
+        self.evaluated.append({k: v.clone() for k, v in model.state_dict().items()})
+        return Evaluation(metrics={"val_err": next(self.scores)}, count=len(self.val[0][0]))
 
-        def loss(self, net, inputs):
-            return sum(net(*inputs).values())
+    def save_weights(self, model, folder):
+        from safetensors.torch import save_file
 
-        def evaluate(self, model, *, device, dtype, dist):
-            self.evaluated = {k: v.clone() for k, v in model.state_dict().items()}
-            return Evaluation(metrics={"val_err": next(scores)}, count=len(self.val[0][0]))
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
 
-        def save_weights(self, model, folder):
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-
-        def files(self):
-            return {"points.json": "{}"}
-
-    return Points
+    def files(self):
+        return {"points.json": "{}"}
 
 
 def test_the_loop_trains_a_task_with_list_batches_a_loss_dict_and_a_lower_is_better_score(tmp_path, monkeypatch,
@@ -163,18 +162,9 @@ def test_the_loop_trains_a_task_with_list_batches_a_loss_dict_and_a_lower_is_bet
     from cvt import engine, tasks
     from cvt.recipe import TrainConfig
 
-    scores = iter([3.0, 1.0, 1.0, 2.0, 0.5])
-    Points = _point_task(scores)
-    monkeypatch.setitem(tasks._TASKS, "points", Points)
-    weights_at = []
-    real_evaluate = Points.evaluate
-
-    def evaluate(self, model, **kw):
-        result = real_evaluate(self, model, **kw)
-        weights_at.append(self.evaluated)
-        return result
-
-    monkeypatch.setattr(Points, "evaluate", evaluate)
+    monkeypatch.setitem(tasks._TASKS, "points", _Points)
+    monkeypatch.setattr(_Points, "scores", iter([3.0, 1.0, 1.0, 2.0, 0.5]), raising=False)
+    monkeypatch.setattr(_Points, "evaluated", [], raising=False)
     out = tmp_path / "run"
     cfg = TrainConfig(task="points", batch_size=2, epochs=4, lr=1e-3, ema_decay=0.5, device="cpu", out=str(out),
                       grad_checkpointing=True)
@@ -188,7 +178,7 @@ def test_the_loop_trains_a_task_with_list_batches_a_loss_dict_and_a_lower_is_bet
     assert json.load(open(out / "best" / "best.json")) == {"epoch": 2, "val_err": 1.0}
     assert (out / "best" / "points.json").exists() and (out / "points.json").exists()
     best = load_file(out / "best" / "model.safetensors")
-    assert all(torch.equal(best[k], weights_at[1][k]) for k in best)  # epoch 2's (EMA) weights
+    assert all(torch.equal(best[k], _Points.evaluated[1][k]) for k in best)  # epoch 2's (EMA) weights
     state = engine.load_state(out)[0]
     assert state["task"] == "points" and state["config"]["task"] == "points" and state["epoch"] == 4
 
