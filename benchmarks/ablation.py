@@ -1,16 +1,19 @@
 """What each of the model's fast paths buys, measured by switching it off: `python benchmarks/ablation.py`.
 
+Each row turns one fast path off through the public switch `cvt.layers.fast_paths(name=False)`; what each does is
+in `cvt.layers.FAST_PATHS` (`python -c "import cvt.layers as l; print(*l.FAST_PATHS.items(), sep=chr(10))"`):
+
 - `fused_inference`: eager inference adds each residual inside the matmul of the branch's last Linear and runs the
-  activation in place (`Block.forward`); off, inference runs the training-mode code path under no_grad.
-- `recompute_act`: in training the MLP recomputes its activation in backward instead of storing it
-  (`_linear_of_recomputed`); off, autograd stores it as usual.
-- `onednn_linear`: on CPU in fp32 the Linear layers run through oneDNN's GEMM (`_OneDNNLinear`, with the MLP's
-  activation and the residual add as GEMM post-ops in inference); off, through PyTorch's addmm (MKL).
-- `mlp_in_pieces`: with oneDNN, inference runs each MLP `_MLP_ROWS` tokens at a time (`Mlp.add_to_inference`);
-  off, on the whole token tensor at once.
+  activation in place; off, inference runs the reference block forward under no_grad.
+- `recompute_act`: in training the MLP recomputes its activation in backward instead of storing it.
+- `onednn_linear`: on CPU in fp32 the Linear layers run through oneDNN's GEMM (with the MLP's activation and the
+  residual add as GEMM post-ops in inference); off, through PyTorch's addmm (MKL).
+- `mlp_in_pieces`: with oneDNN, inference runs each MLP 1024 tokens at a time; off, on the whole token tensor.
 - `quick_gelu_as_silu`: the authors' QuickGELU, x * sigmoid(1.702 x), runs as a SiLU with the 1.702 moved into
-  the MLP's matmuls (`Mlp.forward`); off, it runs as the authors wrote it. Measured on the default (QuickGELU)
-  model; the rows above it use exact GELU, as the benchmark against the port does.
+  the MLP's matmuls; off, it runs as the authors wrote it. Measured on the default (QuickGELU) model; the rows
+  above it use exact GELU, as the benchmark against the port does.
+- `fold_batchnorm`, `dense_gradient`: eval-mode BatchNorm folded into the depthwise convolution; a dense gradient
+  for the CPU BatchNorm backward.
 
 Times are interleaved (on, off, on, off, ...) in one process, medians of per-round ratios; peak memory of a
 training step is measured in a fresh process per setting (peak RSS on CPU). Prints a Markdown table; the figures
@@ -25,51 +28,20 @@ import json
 import statistics
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 import cvt
-from cvt import model as cvt_model
 from cvt.bench import _peak_rss_bytes, _train_step_fn, time_per_call
+from cvt.layers import FAST_PATHS, fast_paths
 
 
-def _authors_quick_gelu(h: torch.Tensor) -> torch.Tensor:
-    return h * torch.sigmoid(1.702 * h)
-
-
-def _authors_quick_gelu_(h: torch.Tensor) -> torch.Tensor:
-    return h.mul_(torch.sigmoid(1.702 * h))
-
-
-@contextlib.contextmanager
 def switched_off(path: str):
-    """The model with one fast path disabled (by replacing the function that decides or does it)."""
-    if path == "fused_inference":
-        patches = [(cvt_model, "_eager_inference", lambda x: False)]
-    elif path == "recompute_act":
-        patches = [(cvt_model, "_linear_of_recomputed", lambda linear, fn, h: linear(fn(h)))]
-    elif path == "onednn_linear":
-        patches = [(cvt_model, "_onednn_linear_ok", lambda x, weight: False)]
-    elif path == "mlp_in_pieces":
-        patches = [(cvt_model, "_MLP_ROWS", 1 << 62)]
-    elif path == "quick_gelu_as_silu":  # no scales to move (s = 1) and the authors' formula as the kernel
-        patches = [
-            (cvt_model.QuickGELU, "scale", None),
-            (cvt_model.QuickGELU, "onednn_post", None),
-            (cvt_model.QuickGELU, "kernel", staticmethod(_authors_quick_gelu)),
-            (cvt_model.QuickGELU, "kernel_", staticmethod(_authors_quick_gelu_)),
-        ]
-    else:
-        raise ValueError(f"unknown fast path {path!r}")
-    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
-    try:
-        for owner, name, value in patches:
-            setattr(owner, name, value)
-        yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
+    """The model with one fast path turned off (a ValueError names an unknown one)."""
+    if path not in FAST_PATHS:
+        raise ValueError(f"unknown fast path {path!r}; the fast paths are {', '.join(FAST_PATHS)}")
+    return fast_paths(**{path: False})
 
 
 def alternate(fn: Callable[[], object], path: str, rounds: int, min_time: float) -> dict:
@@ -123,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("inference", "fused_inference", alternate(inference(m), "fused_inference", args.rounds, args.min_time))]
     rows.append(("inference", "onednn_linear", alternate(inference(m), "onednn_linear", args.rounds, args.min_time)))
     rows.append(("inference", "mlp_in_pieces", alternate(inference(m), "mlp_in_pieces", args.rounds, args.min_time)))
+    rows.append(("inference", "fold_batchnorm", alternate(inference(m), "fold_batchnorm", args.rounds, args.min_time)))
     cpu = torch.device("cpu")
     step = _train_step_fn(cvt.create_model(args.model, act="gelu"), cpu, "fp32", args.batch, args.img_size)
     rows.append(("training step", "recompute_act", alternate(step, "recompute_act", args.rounds, args.min_time)))
     rows.append(("training step", "onednn_linear", alternate(step, "onednn_linear", args.rounds, args.min_time)))
+    rows.append(("training step", "dense_gradient", alternate(step, "dense_gradient", args.rounds, args.min_time)))
     del step
     quick = cvt.create_model(args.model, act="quick_gelu").eval()
     rows.append(("inference, QuickGELU", "quick_gelu_as_silu",

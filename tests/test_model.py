@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import cvt
+from cvt.layers import fast_paths
 from cvt.model import CvT, LayerNorm, Mlp
 from cvt.weights import CheckpointError
 
@@ -230,15 +231,15 @@ def test_training_forward_compiles_as_one_graph(monkeypatch):
     """torch.compile traces the training forward (drop path on, no gradient checkpointing) as one graph, reading no
     ContextVar: before torch 2.14 such a read broke the graph, and on an H200 (torch 2.11) the break split every
     block and recompiled it per drop-path rate until the limit, then crashed Inductor (benchmarks/GPU_NOTES.md)."""
-    import cvt.model
+    from cvt.layers import checkpoint, fused
 
     class Unreadable:
         def get(self):
             raise AssertionError("a ContextVar was read while compiling")
 
-    monkeypatch.setattr(cvt.model, "_RECOMPUTING", Unreadable())
-    monkeypatch.setattr(cvt.model, "_CHECKPOINTED", Unreadable())
-    monkeypatch.setattr(cvt.model, "_RECOMPUTE_MIN_NUMEL", 0)  # the MLP's recomputation check is reached too
+    monkeypatch.setattr(checkpoint, "_RECOMPUTING", Unreadable())
+    monkeypatch.setattr(checkpoint, "_CHECKPOINTED", Unreadable())
+    monkeypatch.setattr(fused, "_RECOMPUTE_MIN_NUMEL", 0)  # the MLP's recomputation check is reached too
     torch._dynamo.reset()
     model = cvt.create_model("cvt_13", depths=(1, 1, 2), drop_path_rate=0.1, num_classes=3).train()
     explained = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
@@ -280,7 +281,8 @@ def test_wrong_channels_too_small_wrong_rank():
     [
         (dict(embed_dims=(64, 190, 384)), "not divisible by num_heads"),
         (dict(depths=()), "one per stage"),
-        (dict(embed_dims=(), num_heads=(), depths=(), patch_sizes=(), patch_strides=(), patch_paddings=(), drop_path_rate=()), "at least one stage"),
+        (dict(embed_dims=(), num_heads=(), depths=(), patch_sizes=(), patch_strides=(), patch_paddings=(),
+              drop_path_rate=()), "at least one stage"),
         (dict(act="relu"), "act must be one of"),
         (dict(depths=(1, 0, 2)), "positive integers"),
         (dict(drop_path_rate=1.5), r"drop_path_rate must be in \[0, 1\)"),
@@ -451,9 +453,8 @@ def test_bias_only_fine_tuning_gets_gradients(monkeypatch):
     grads = []
     for onednn in (True, False):
         model.load_state_dict(state)
-        if not onednn:
-            monkeypatch.setattr(cvt.model, "_onednn_linear_ok", lambda x, weight: False)
         model.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        with fast_paths(onednn_linear=onednn):
+            nn.functional.cross_entropy(model(x), y).backward()
         grads.append(dict(model.named_parameters())[trained].grad)
     assert grads[0] is not None and torch.allclose(grads[0], grads[1], atol=1e-6)

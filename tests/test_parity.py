@@ -174,8 +174,10 @@ def test_training_step_matches_transformers(tmp_path, monkeypatch, act):
     the Linear layers' oneDNN input gradient, which a model this small only takes with the size thresholds
     lowered; QuickGELU run as a SiLU with its scales moved into the MLP's matmuls, against the port with the
     authors' formula swapped in)."""
-    monkeypatch.setattr(cvt.model, "_RECOMPUTE_MIN_NUMEL", 0)
-    monkeypatch.setattr(cvt.model, "_ONEDNN_GRAD_MIN_TOKENS", 0)  # oneDNN's input gradient, also a size threshold
+    from cvt.layers import fused, linear
+
+    monkeypatch.setattr(fused, "_RECOMPUTE_MIN_NUMEL", 0)
+    monkeypatch.setattr(linear, "_ONEDNN_GRAD_MIN_TOKENS", 0)  # oneDNN's input gradient, also a size threshold
     torch.manual_seed(0)
     config = transformers.CvtConfig(
         embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], drop_path_rate=[0.0, 0.0, 0.0], num_labels=5
