@@ -2,6 +2,7 @@
 
 from .config import CvTConfig
 from .flops import count_macs
+from .layers import fast_paths, set_fast_paths
 from .model import CvT, param_count
 from .registry import create_model, default_config, from_pretrained, list_models
 from .weights import CheckpointError, read_checkpoint, save_weights
@@ -15,9 +16,11 @@ __all__ = [
     "count_macs",
     "create_model",
     "default_config",
+    "fast_paths",
     "from_pretrained",
     "list_models",
     "param_count",
     "read_checkpoint",
     "save_weights",
+    "set_fast_paths",
 ]
