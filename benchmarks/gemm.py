@@ -34,6 +34,17 @@ def median_times(fns: dict, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def calls(linear, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> dict:
+    """The GEMMs of one Linear: input x (N, K), weight w (M, K), bias b (M,), output gradient g (N, M)."""
+    return {
+        "fwd_mkl": lambda: torch.addmm(b, x, w.t()),
+        "fwd_onednn": lambda: linear(x, w, b, "none", [], ""),
+        "dx_mkl": lambda: g.mm(w),
+        "dx_onednn": lambda: linear(g, w.t().contiguous(), None, "none", [], ""),
+        "dw_mkl": lambda: g.t().mm(x),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=8)
@@ -46,14 +57,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     for n, k, m in SHAPES:
-        x, w, b, g = torch.randn(n, k), torch.randn(m, k), torch.randn(m), torch.randn(n, m)
-        fns = {
-            "fwd_mkl": lambda: torch.addmm(b, x, w.t()),
-            "fwd_onednn": lambda: linear(x, w, b, "none", [], ""),
-            "dx_mkl": lambda: g.mm(w),
-            "dx_onednn": lambda: linear(g, w.t().contiguous(), None, "none", [], ""),
-            "dw_mkl": lambda: g.t().mm(x),
-        }
+        fns = calls(linear, torch.randn(n, k), torch.randn(m, k), torch.randn(m), torch.randn(n, m))
         t = median_times(fns, args.rounds)
         gmac = n * k * m / 1e9
         print(f"| {n} | {k} | {m} | " + " | ".join(f"{gmac / t[key]:.1f}" for key in fns) + " |")

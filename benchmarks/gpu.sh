@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md and the README in one command, sized for one call of a lent GPU
 # machine (10 minutes at most per command, 15 minutes of device time per session, start-up included):
-#   1. `cvt bench` on the GPU, ours against transformers' port: bf16, then fp32 (inference at batch 1, 64 and 256,
-#      the training step at 64), with the model FLOP
-#      utilization against a large matmul of the same dtype measured in the same run;
+#   1. `benchmarks/bench.py` on the GPU, ours against transformers' port: bf16, then fp32 (inference at batch 1, 64
+#      and 256, the training step at 64), with the model FLOP utilization against a large matmul of the same dtype
+#      measured in the same run (BENCH_ARGS="--impls ours,hf,timm:resnet50" adds contestants);
 #   2. Fashion-MNIST recipes trained side by side on the one GPU until BUDGET seconds after the start (small models
 #      leave a GPU mostly idle, each process being bound by its CPU thread queuing kernels): the full recipe
 #      (configs/fashion_mnist_full.yaml) and two variants of it (ONLY picks others: `cpu80_graphs`, the CPU recipe
@@ -69,7 +69,7 @@ elif [ -n "${ONLY:-}" ]; then  # keep the recipes named in ONLY
     RECIPES=("${kept[@]}")
 fi
 read -r -a TRAIN_EXTRA <<< "${TRAIN_ARGS:-}"  # appended to every `cvt train`
-read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"  # appended to every `cvt bench`
+read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"  # appended to every benchmarks/bench.py
 [ "${QUICK:-0}" = 1 ] && TRAIN_EXTRA=(--batch-size 64 "${TRAIN_EXTRA[@]}")  # the subset has 512 images
 BENCH_SECONDS=${BENCH_SECONDS:-100}
 MIN_EPOCHS=${MIN_EPOCHS:-15}           # fewer would be mostly warm-up and cool-down (3 + 2 epochs)
@@ -106,8 +106,8 @@ EOF
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 for dtype in ${BENCH_DTYPES-bf16 fp32}; do
     echo "== bench $DEVICE $dtype: $(date -u +%T)"
-    timeout "$BENCH_SECONDS" "$PY" -m cvt.cli bench --device "$DEVICE" --dtype "$dtype" "${BENCH[@]}" "${BENCH_EXTRA[@]}" \
-        --json "$RUNS/bench_$dtype.json" --markdown "$OUT/RESULTS.md" || echo "bench $dtype failed: rc $?"
+    timeout "$BENCH_SECONDS" "$PY" benchmarks/bench.py --device "$DEVICE" --dtype "$dtype" "${BENCH[@]}" \
+        "${BENCH_EXTRA[@]}" --json "$RUNS/bench_$dtype.json" --markdown "$OUT/RESULTS.md" || echo "bench $dtype failed: rc $?"
 done
 if [ ${#RECIPES[@]} = 0 ]; then
     (cd "$RUNS" && tar czf "$OUT/runs.tar.gz" .)

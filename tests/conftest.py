@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import gzip
 import struct
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+# benchmarks/ holds scripts, not a package pip installs: the tests import its modules (harness, contestants,
+# report, bench) as the scripts import each other, from the folder itself. The one place that puts it on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # A CvT small enough that a training step takes milliseconds.
 TINY = [
