@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import CvTConfig
 from .layers import BatchNorm2d, Linear, QuickGELU, checkpoint_block, fused, is_enabled
-from .layers.config import as_built
+from .layers.config import as_built, fx_tracing
 from .layers.norm import conv_bn_folded
 
 
@@ -35,7 +35,8 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back (authors: their subclass upcasts so fp16/bf16 runs stay stable)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+        # (torch.fx cannot read a traced dtype: its graph holds the fp32 case, which autocast upcasts to anyway)
+        if fx_tracing() or x.dtype == torch.float32:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         # Autocast would run layer_norm in fp32 anyway on CUDA, but not on every device: do it explicitly.
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -61,7 +62,7 @@ class ConvEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = self.proj(x)  # (B, C, H, W)
-        h, w = x.shape[-2:]
+        h, w = x.shape[-2], x.shape[-1]  # (not unpacked from a slice: torch.fx cannot iterate a traced shape)
         x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
         return self.norm(x), h, w
 
@@ -213,7 +214,7 @@ class Stage(nn.Module):
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + H*W, C)
         x = self.pos_drop(x)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled() and not fx_tracing():
                 x = checkpoint_block(block, x, h, w, has_cls)
             else:
                 x = block(x, h, w, has_cls)

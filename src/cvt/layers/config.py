@@ -109,11 +109,17 @@ _from_environment()
 # ---------------------------------------------------------------------------------------------------------------
 # Where a fast path may run
 # ---------------------------------------------------------------------------------------------------------------
+def fx_tracing() -> bool:
+    """torch.fx is tracing the model symbolically: tensors are Proxies, which no Python branch may read."""
+    return torch.fx._symbolic_trace.is_fx_tracing()  # noqa: SLF001 - torch.fx exports it only under this name
+
+
 def tracing_or_compiling() -> bool:
-    """A tracer, TorchScript, torch.compile or torch.export is recording the model, or a dispatch mode watches
-    its ops (FlopCounterMode counts only the ops it knows): they should see ordinary, out-of-place ops."""
+    """A tracer (torch.fx, TorchScript), torch.compile or torch.export is recording the model, or a dispatch mode
+    watches its ops (FlopCounterMode counts only the ops it knows): they should see ordinary, out-of-place ops."""
     return (
-        torch.jit.is_tracing()
+        fx_tracing()
+        or torch.jit.is_tracing()
         or torch.jit.is_scripting()
         or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
@@ -124,7 +130,7 @@ def tracing_or_compiling() -> bool:
 def eager_inference(x: torch.Tensor) -> bool:
     """Plain eager inference, where in-place tricks are safe: no autograd, no autocast (whose casts a fused path
     would bypass), no tracer or compiler."""
-    return not (torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or tracing_or_compiling())
+    return not (torch.is_grad_enabled() or tracing_or_compiling() or torch.is_autocast_enabled(x.device.type))
 
 
 # No public API tells whether a torch.func transform is active.

@@ -15,7 +15,7 @@ from torch import nn
 
 from .activations import ActKernel, QuickGELU, act_kernel
 from .checkpoint import in_checkpoint
-from .config import as_built, eager_inference, is_enabled
+from .config import as_built, eager_inference, fx_tracing, is_enabled
 from .linear import Linear, _scaled, onednn_applies, onednn_linear, onednn_linear_add, residual_linear, scaled_linear
 
 # Below this many elements (16 MB in fp32) the activation is not worth recomputing: the memory saved is small and
@@ -38,8 +38,11 @@ def fusable(mlp: nn.Module) -> ActKernel | None:
 
 
 def mlp_kernel(mlp: nn.Module) -> ActKernel | None:
-    """`fusable(mlp)` when one of the training-time MLP fast paths is on, else None (nothing to gain)."""
-    return fusable(mlp) if any(is_enabled(p) for p in _MLP_PATHS) else None
+    """`fusable(mlp)` when one of the training-time MLP fast paths is on, else None (nothing to gain, or torch.fx
+    tracing, whose Proxies the fused forward's size checks cannot read)."""
+    if fx_tracing() or not any(is_enabled(p) for p in _MLP_PATHS):
+        return None
+    return fusable(mlp)
 
 
 def linear_of_recomputed(linear: Callable[[torch.Tensor], torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor],

@@ -33,11 +33,11 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         is_enabled("onednn_linear")
         and _LINEAR_POINTWISE is not None
+        and not tracing_or_compiling()  # first: under torch.fx, `x` is a Proxy the checks below cannot read
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and not tracing_or_compiling()
         and not functorch_active()
     )
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import recomputing
-from .config import functorch_active, is_enabled
+from .config import functorch_active, fx_tracing, is_enabled
 
 
 class _DenseGradient(torch.autograd.Function):
@@ -46,19 +46,20 @@ class BatchNorm2d(nn.BatchNorm2d):
         self.checkpointed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.batch_norm as nn.BatchNorm2d calls it (momentum a number, statistics tracked, as built), without its
+        # Python check of the input's rank, which torch.fx could not trace.
         if not self.training:
-            return super().forward(x)
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         again = self.checkpointed and recomputing()
+        if not again:  # momentum 0 below keeps the running statistics as the first pass left them
+            self.num_batches_tracked.add_(1)
+        momentum = 0.0 if again else self.momentum
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if not again:
-                self.num_batches_tracked.add_(1)
-            x = sync_batch_norm(x, self, 0.0 if again else self.momentum)
-        elif again:  # momentum 0 keeps the running statistics as the first pass left them
-            x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, 0.0, self.eps)
+            x = sync_batch_norm(x, self, momentum)
         else:
-            x = super().forward(x)
-        if (is_enabled("dense_gradient") and torch.is_grad_enabled() and x.device.type == "cpu"
-                and not functorch_active()):
+            x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps)
+        if (is_enabled("dense_gradient") and torch.is_grad_enabled() and not fx_tracing()
+                and x.device.type == "cpu" and not functorch_active()):
             x = _DenseGradient.apply(x)
         return x
 
