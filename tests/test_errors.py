@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import cvt
+from conftest import CLASSES, TINY, TINY_ARGS, make_image
 from cvt import engine
 from cvt.cli import main
 from cvt.config import CvTConfig
 from cvt.data import open_image, scan_image_folder
 from cvt.recipe import TrainConfig, check_randaugment
 from cvt.weights import save_weights
-from conftest import CLASSES, TINY, TINY_ARGS, make_image
 
 
 @pytest.fixture(autouse=True)
@@ -281,13 +281,16 @@ VALID = dict(
     lr=st.floats(1e-6, 0.1), min_lr=st.sampled_from([0, 0.0, 1e-6]), warmup_lr=st.floats(0, 1e-3),
     warmup_epochs=st.one_of(st.floats(0, 5), st.integers(0, 5)), epochs=st.integers(1, 5),
     cooldown_epochs=st.floats(0, 0.99), batch_size=st.integers(1, 9), accum_steps=st.integers(1, 3),
-    label_smoothing=st.floats(0, 0.99), ema_decay=st.floats(0, 0.999), clip_grad=st.one_of(st.none(), st.floats(0.01, 5)),
-    mixup=st.sampled_from([0.0, 0.8]), randaugment=st.sampled_from([None, "rand-m9-mstd0.5-inc1", "rand-n1-p0.3"]),
+    label_smoothing=st.floats(0, 0.99), ema_decay=st.floats(0, 0.999),
+    clip_grad=st.one_of(st.none(), st.floats(0.01, 5)), mixup=st.sampled_from([0.0, 0.8]),
+    randaugment=st.sampled_from([None, "rand-m9-mstd0.5-inc1", "rand-n1-p0.3"]),
     compile_mode=st.sampled_from(["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
 )
 ANYTHING = st.one_of(
     st.floats(-2, 2), st.integers(-2, 10),
-    st.sampled_from([None, "1", "", True, False, [1], float("nan"), float("inf"), -float("inf"), "rand-foo", "rand-p2"]),
+    st.sampled_from(
+        [None, "1", "", True, False, [1], float("nan"), float("inf"), -float("inf"), "rand-foo", "rand-p2"]
+    ),
 )
 
 
@@ -382,7 +385,7 @@ def messy(tmp_path_factory):
     bird, cat, dog = (root / "train" / c for c in CLASSES)
     Image.fromarray(make_image(rng, 0)).convert("L").save(bird / "grey.png")
     Image.fromarray(make_image(rng, 0)).convert("CMYK").save(bird / "cmyk.jpg")
-    Image.fromarray((make_image(rng, 0)[..., 0].astype(np.uint16) * 257)).save(bird / "deep.png")  # 16-bit grey
+    Image.fromarray(make_image(rng, 0)[..., 0].astype(np.uint16) * 257).save(bird / "deep.png")  # 16-bit grey
     Image.fromarray(make_image(rng, 1)).convert("P").save(cat / "palette.gif")
     Image.fromarray(make_image(rng, 1)).save(cat / "UPPER.PNG")
     Image.fromarray(make_image(rng, 1, (5, 7))).save(cat / "small.png")  # the crop is 32 px
@@ -546,7 +549,8 @@ def test_truncated_checkpoint(capsys, weights, images, command, tmp_path):
 def test_eval_and_predict_reject_a_size_of_no_pixels(capsys, weights, images, size):
     ckpt = str(weights / "named" / "model.safetensors")
     message = f"--img-size must be a positive number of pixels, got {size}"
-    one_line_error(capsys, ["eval", "--checkpoint", ckpt, "--data", f"imagefolder:{images}", "--img-size", size], message)
+    one_line_error(capsys, ["eval", "--checkpoint", ckpt, "--data", f"imagefolder:{images}", "--img-size", size],
+                   message)
     one_line_error(capsys, ["predict", "--checkpoint", ckpt, str(images / "val" / "cat" / "0.png"), "--img-size", size],
                    message)
 
@@ -601,6 +605,7 @@ def test_hand_edited_hugging_face_config(capsys, weights, images, tmp_path, edit
                    f"{folder}/config.json", message)
 
 
+@pytest.mark.slow
 def test_a_reader_that_goes_away_is_no_traceback():
     """`cvt eval ... | head`: the closed pipe stops the command quietly (exit 141, as SIGPIPE would), no traceback."""
     import subprocess
