@@ -38,9 +38,10 @@ def fusable(mlp: nn.Module) -> ActKernel | None:
 
 
 def mlp_kernel(mlp: nn.Module) -> ActKernel | None:
-    """`fusable(mlp)` when one of the training-time MLP fast paths is on, else None (nothing to gain, or torch.fx
-    tracing, whose Proxies the fused forward's size checks cannot read)."""
-    if fx_tracing() or not any(is_enabled(p) for p in _MLP_PATHS):
+    """`fusable(mlp)` when one of the training-time MLP fast paths is on, else None: nothing to gain, or a tracer
+    (torch.fx, TorchScript) records the model, which should see the reference ops (and torch.fx's Proxies cannot
+    answer the fused forward's size checks). torch.compile does take it."""
+    if fx_tracing() or torch.jit.is_tracing() or not any(is_enabled(p) for p in _MLP_PATHS):
         return None
     return fusable(mlp)
 
