@@ -391,8 +391,12 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
         models[c.name] = ours if c.name == "ours" else contestants.build(c, setting, ours).to(device).eval()
         # MACs of a model of its own; one computing another's function is measured by the speed ratio alone.
         # count_macs feeds 3 channels to a model without a cvt config.
-        counted = c.same_function_as is None and (hasattr(models[c.name], "cfg") or setting.in_chans == 3)
-        macs_of[c.name] = macs if c.name == "ours" else count_macs(models[c.name], cfg.img_size) if counted else None
+        if c.name == "ours":
+            macs_of[c.name] = macs
+        elif c.same_function_as is None and (hasattr(models[c.name], "cfg") or setting.in_chans == 3):
+            macs_of[c.name] = count_macs(models[c.name], cfg.img_size)
+        else:
+            macs_of[c.name] = None
     for c in entrants:
         if c.compiled:
             models[c.name] = torch.compile(models[c.base], mode=cfg.compile_mode, dynamic=False)
@@ -402,10 +406,10 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
     in_chans = setting.in_chans
     g = torch.Generator().manual_seed(cfg.seed)
 
-    # Contestants that compute another's function with its weights (the port) are checked to, before timing.
-    x = torch.randn(2, in_chans, cfg.img_size, cfg.img_size, generator=g).to(device)
+    # A contestant computing another's function with its weights (the port) is checked against it before timing.
     for c in entrants:
         if not c.compiled and c.same_function_as in models:
+            x = torch.randn(2, in_chans, cfg.img_size, cfg.img_size, generator=g).to(device)
             with torch.inference_mode():
                 diff = (models[c.same_function_as](x) - models[c.name](x)).abs().max().item()
             result.setdefault("max_abs_logit_diff", {})[c.name] = diff
