@@ -33,8 +33,8 @@ from collections.abc import Callable
 import torch
 
 import cvt
-from cvt.bench import _peak_rss_bytes, _train_step_fn, time_per_call
 from cvt.layers import FAST_PATHS, fast_paths
+from harness import peak_rss_bytes, time_per_call, train_step_fn
 
 
 def switched_off(path: str):
@@ -61,11 +61,11 @@ def alternate(fn: Callable[[], object], path: str, rounds: int, min_time: float)
 def memory_child(model: str, batch: int, img_size: int, path: str | None) -> int:
     torch.manual_seed(0)
     m = cvt.create_model(model, act="gelu")
-    step = _train_step_fn(m, torch.device("cpu"), "fp32", batch, img_size)
+    step = train_step_fn(m, torch.device("cpu"), "fp32", batch, img_size)
     with switched_off(path) if path else contextlib.nullcontext():
         for _ in range(2):
             step()
-    return _peak_rss_bytes()
+    return peak_rss_bytes()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("inference", "mlp_in_pieces", alternate(inference(m), "mlp_in_pieces", args.rounds, args.min_time)))
     rows.append(("inference", "fold_batchnorm", alternate(inference(m), "fold_batchnorm", args.rounds, args.min_time)))
     cpu = torch.device("cpu")
-    step = _train_step_fn(cvt.create_model(args.model, act="gelu"), cpu, "fp32", args.batch, args.img_size)
+    step = train_step_fn(cvt.create_model(args.model, act="gelu"), cpu, "fp32", args.batch, args.img_size)
     rows.append(("training step", "recompute_act", alternate(step, "recompute_act", args.rounds, args.min_time)))
     rows.append(("training step", "onednn_linear", alternate(step, "onednn_linear", args.rounds, args.min_time)))
     rows.append(("training step", "dense_gradient", alternate(step, "dense_gradient", args.rounds, args.min_time)))
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = cvt.create_model(args.model, act="quick_gelu").eval()
     rows.append(("inference, QuickGELU", "quick_gelu_as_silu",
                  alternate(inference(quick), "quick_gelu_as_silu", args.rounds, args.min_time)))
-    step = _train_step_fn(quick.train(), cpu, "fp32", args.batch, args.img_size)
+    step = train_step_fn(quick.train(), cpu, "fp32", args.batch, args.img_size)
     rows.append(("training step, QuickGELU", "quick_gelu_as_silu",
                  alternate(step, "quick_gelu_as_silu", args.rounds, args.min_time)))
     del step

@@ -19,7 +19,6 @@ from pathlib import Path
 import contestants
 import harness
 import report
-
 from cvt.recipe import COMPILE_MODES
 from cvt.utils import write_text
 

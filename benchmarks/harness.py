@@ -42,11 +42,11 @@ try:
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
-import contestants
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import contestants
 from cvt.recipe import COMPILE_MODES
 
 HERE = Path(__file__).resolve().parent

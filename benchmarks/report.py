@@ -11,9 +11,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness import DEFAULT_IMPLS, allocator_env, cpu_model
-
 from cvt.utils import write_text
+from harness import DEFAULT_IMPLS, allocator_env, cpu_model
 
 
 def _gb(n: float) -> str:

@@ -9,14 +9,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import bench
 import contestants
 import harness
-import pytest
+from cvt.cli import main
 from harness import BenchConfig, run_benchmark
 from report import section_key, to_markdown, write_markdown_section
-
-from cvt.cli import main
 
 pytest.importorskip("transformers")
 

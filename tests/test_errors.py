@@ -144,20 +144,6 @@ def test_out_of_memory_is_one_line_with_what_to_change(zoo_raises, capsys, error
         main(["--debug", "zoo"])
 
 
-def test_failed_memory_measurement_is_a_user_error(monkeypatch):
-    """The child's error, not RuntimeError (which the CLI now leaves to a traceback)."""
-    import subprocess
-
-    from cvt import bench
-
-    def failed_child(cmd, **kwargs):
-        return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory")
-
-    monkeypatch.setattr(bench.subprocess, "run", failed_child)
-    with pytest.raises(ValueError, match="memory measurement of ours failed: torch.OutOfMemoryError: CUDA out of"):
-        bench.measure_memory({"impl": "ours"})
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Config values
 # ---------------------------------------------------------------------------------------------------------------
