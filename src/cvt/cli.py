@@ -21,7 +21,8 @@ COMMANDS = {
     "zoo": "list the registered models with parameters and MACs",
     "convert": "convert weights between the authors', Hugging Face's and cvt's formats",
     "export": "export a checkpoint to ONNX or TorchScript",
-    "bench": "benchmark against the Hugging Face port (speed and memory)",
+    "bench": "run benchmarks/bench.py of a source checkout: speed and memory against transformers' port, "
+    "timm or torchvision models",
 }
 
 # Exceptions that carry a message meant for the user; anything else is a bug and keeps its traceback. The
