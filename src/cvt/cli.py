@@ -21,6 +21,7 @@ COMMANDS = {
     "zoo": "list the registered models with parameters and MACs",
     "convert": "convert weights between the authors', Hugging Face's and cvt's formats",
     "export": "export a checkpoint to ONNX or TorchScript",
+    "data": "write datasets: the Fashion-MNIST scenes for detection and segmentation (cvt data scenes OUT)",
     "bench": "run benchmarks/bench.py of a source checkout: speed and memory against transformers' port, "
     "timm or torchvision models",
 }

@@ -444,14 +444,25 @@ class DataBundle:
 def parse_data(spec: str) -> tuple[str, str | None]:
     if spec == "fashion-mnist":
         return "fashion-mnist", None
-    if spec.startswith("imagefolder:") and len(spec) > len("imagefolder:"):
-        # `~` after the colon is not expanded by the shell (nor in a recipe); torchvision's folders expand it too
-        return "imagefolder", os.path.expanduser(spec[len("imagefolder:"):])
-    raise ValueError(f"--data must be 'fashion-mnist' or 'imagefolder:PATH' (PATH/train/<class>/*), got {spec!r}")
+    for kind in ("imagefolder", "coco", "seg"):
+        if spec.startswith(f"{kind}:") and len(spec) > len(kind) + 1:
+            # `~` after the colon is not expanded by the shell (nor in a recipe); torchvision's folders expand it
+            path = os.path.expanduser(spec[len(kind) + 1 :])
+            if kind != "imagefolder" and not Path(path).is_dir():
+                what = "COCO folder" if kind == "coco" else "segmentation folder"
+                state = "is a file, not a folder" if Path(path).exists() else "does not exist"
+                raise FileNotFoundError(f"--data {spec}: {what} {path} {state}")
+            return kind, path
+    raise ValueError(
+        f"--data must be 'fashion-mnist', 'imagefolder:PATH' (PATH/train/<class>/*), 'coco:PATH' "
+        f"(PATH/annotations/instances_train.json, PATH/train/) or 'seg:PATH' (PATH/train/images, "
+        f"PATH/train/masks), got {spec!r}"
+    )
 
 
 def data_info(spec: str) -> tuple[int, int | None]:
-    """(channels, native side) of a data source without reading it: (1, 28) for Fashion-MNIST, (3, None) else."""
+    """(channels, native side) of a data source without reading it: (1, 28) for Fashion-MNIST, (3, None) else
+    (image folders, COCO, segmentation folders: colour images of their own sizes)."""
     kind, _ = parse_data(spec)
     return (1, 28) if kind == "fashion-mnist" else (3, None)
 
