@@ -109,9 +109,14 @@ _from_environment()
 # ---------------------------------------------------------------------------------------------------------------
 # Where a fast path may run
 # ---------------------------------------------------------------------------------------------------------------
+# torch.fx exports these only from its private module. The symbolic-only query (newer torch) is not also true
+# inside torch.compile and torch.export, which handle Python branches themselves.
+_FX_TRACING = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or torch.fx._symbolic_trace.is_fx_tracing  # noqa: SLF001,E501
+
+
 def fx_tracing() -> bool:
     """torch.fx is tracing the model symbolically: tensors are Proxies, which no Python branch may read."""
-    return torch.fx._symbolic_trace.is_fx_tracing()  # noqa: SLF001 - torch.fx exports it only under this name
+    return _FX_TRACING()
 
 
 def tracing_or_compiling() -> bool:
