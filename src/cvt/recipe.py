@@ -21,6 +21,11 @@ from typing import Any
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# The `head:` values each task builds (cvt.detection.HEADS for detection), without importing the tasks.
+TASK_HEADS = {
+    "detection": ("fasterrcnn", "maskrcnn", "retinanet", "fcos"),
+    "segmentation": ("upernet", "fpn"),  # cvt.segmentation.DECODERS
+}
 
 
 # The task a data spec implies when a recipe names none, by the spec's prefix; any other spec (fashion-mnist,
@@ -43,6 +48,8 @@ class TrainConfig:
     model_args: dict[str, Any] = field(default_factory=dict)
     # Local weights in any format `cvt.read_checkpoint` reads; the head is re-initialised for the new classes.
     pretrained: str | None = None
+    # A dense task's head (None: the task's default): segmentation "upernet" or "fpn" (smp decoders).
+    head: str | None = None
 
     # ---- data -----------------------------------------------------------------------------------------------
     data: str = "fashion-mnist"  # or "imagefolder:PATH" with PATH/train/<class>/*, PATH/val/<class>/*
@@ -52,6 +59,16 @@ class TrainConfig:
     interpolation: str = "bicubic"
     num_workers: int | None = None  # None: 0 for in-memory data, else a share of the CPUs
     strict_data: bool = False  # an unreadable image is an error instead of being skipped and counted
+
+    # ---- detection (cvt.tasks.detection) --------------------------------------------------------------------
+    # (`head` above: the detector over the backbone, fasterrcnn (default), maskrcnn, retinanet or fcos.)
+    # The detector builder's settings beyond the task's small-data defaults, e.g. {fpn_channels: 128,
+    # box_batch_size_per_image: 256, anchor_sizes: [32, 64, 128, 256, 512]} (cvt.detection.build_detector).
+    head_args: dict[str, Any] = field(default_factory=dict)
+    # torchvision's GeneralizedRCNNTransform: shorter side resized to min_size, longer side at most max_size.
+    # None: the task's defaults for 96-128 px scenes (128/192), not torchvision's 800/1333 for COCO.
+    min_size: int | None = None
+    max_size: int | None = None
 
     # ---- optimisation ---------------------------------------------------------------------------------------
     epochs: int = 10
@@ -101,6 +118,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.model_args is None:  # `model_args:` with every key commented out
             self.model_args = {}
+        if self.head_args is None:
+            self.head_args = {}
         if isinstance(self.crop_scale, list):
             self.crop_scale = tuple(self.crop_scale)
         if self.task is None and isinstance(self.data, str):
@@ -127,6 +146,7 @@ class TrainConfig:
 
         need(self.model is None or isinstance(self.model, str), "model", "a model name")
         need(isinstance(self.model_args, dict), "model_args", "a mapping of CvTConfig fields")
+        need(self.head is None or (isinstance(self.head, str) and bool(self.head)), "head", "a head name or null")
         need(isinstance(self.data, str) and bool(self.data), "data", "'fashion-mnist' or 'imagefolder:PATH'")
         from .tasks import task_names
 
@@ -135,6 +155,13 @@ class TrainConfig:
                              f"known tasks: {', '.join(task_names())}")
         need(self.task in task_names(), "task", f"one of {', '.join(task_names())}")
         need(self.img_size is None or (is_int(self.img_size) and self.img_size >= 1), "img_size", "a positive integer")
+        if self.head is not None and self.task in TASK_HEADS:
+            need(self.head in TASK_HEADS[self.task], "head",
+                 f"one of {', '.join(TASK_HEADS[self.task])} or null (the default) for task {self.task}")
+        need(isinstance(self.head_args, dict), "head_args", "a mapping of cvt.detection.build_detector settings")
+        for name in ("min_size", "max_size"):
+            need(getattr(self, name) is None or (is_int(getattr(self, name)) and getattr(self, name) >= 1), name,
+                 "a positive integer or null")
         need(is_num(self.crop_pct) and 0 < self.crop_pct <= 1, "crop_pct", "in (0, 1]")
         need(self.interpolation in INTERPOLATIONS, "interpolation", f"one of {', '.join(INTERPOLATIONS)}")
         need(self.num_workers is None or (is_int(self.num_workers) and self.num_workers >= 0), "num_workers", ">= 0")

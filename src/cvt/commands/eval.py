@@ -1,8 +1,10 @@
-"""`cvt eval`: top-1, top-5, per-class accuracy and the confusion matrix of a checkpoint on a validation split.
+"""`cvt eval`: top-1, top-5, per-class accuracy and the confusion matrix of a checkpoint on a validation split;
+for a dense-prediction run (detection: COCO box/mask AP), the metrics of its task (`Task.evaluate_files`).
 
     cvt eval --checkpoint runs/demo/model.safetensors                    # Fashion-MNIST's 10,000 test images
     cvt eval --checkpoint CvT-13-224x224-IN-1k.pth --data imagefolder:/data/imagenet
     cvt eval --checkpoint runs/fmnist_cpu80 --tta hflip                # mean over each image and its mirror
+    cvt eval --checkpoint runs/det --data coco:data/scenes              # COCO AP on PATH's val split
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="weights in any format (cvt, Hugging Face, authors')")
-    parser.add_argument("--data", default="fashion-mnist",
-                        help="fashion-mnist (test split) or imagefolder:PATH (PATH/val)")
+    parser.add_argument("--data", help="fashion-mnist (test split, the default for classifiers), "
+                        "imagefolder:PATH (PATH/val), or a dense run's coco:PATH / seg:PATH (default: the run's)")
     parser.add_argument("--data-dir", help="folder of the four Fashion-MNIST .gz files")
     parser.add_argument("--img-size", type=int, help="evaluation side (default: what the checkpoint was trained at)")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -37,11 +39,15 @@ def run(args: argparse.Namespace) -> int:
     from ..plots import plot_confusion
     from ..tasks.classification import evaluate
     from ..utils import atomic_write
-    from . import load_classifier
+    from . import dense_task, load_classifier
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = pick_device(args.device)
+    task = dense_task(args.checkpoint)
+    if task is not None:
+        return _run_dense(task, args, device)
+    args.data = args.data or "fashion-mnist"
     model = load_classifier(args.checkpoint, device, "evaluate")
     _, native = data_info(args.data)
     pre = preprocess_for(args.checkpoint, model.cfg.in_chans, args.img_size, native or 224)
@@ -93,3 +99,47 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {i:>2}  {c:<{width}}" + "".join(f"{int(v):>{cell}}" for v in result.confusion[i]))
     print(f"\nwrote {out / 'eval.json'} and {png}")
     return 0
+
+
+def _run_dense(task, args: argparse.Namespace, device) -> int:
+    """A dense task's evaluation (`task.evaluate_files`), printed as a table and written to RUN/eval/eval.json."""
+    from ..engine import amp_dtype
+    from ..utils import atomic_write
+
+    model, settings = task.load_for_inference(args.checkpoint, device)
+    data = args.data or _run_data(args.checkpoint)
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    report = task.evaluate_files(model, settings, data=data, device=device, dtype=amp_dtype(args.amp, device),
+                                 batch_size=args.batch_size, num_workers=args.num_workers, out=out)
+    for err in report.get("skipped", []):
+        print(f"cvt eval: warning: skipped unreadable image {err}", file=sys.stderr)
+    table = report.pop("table")
+    report = {"checkpoint": str(args.checkpoint), "data": data, **report}
+    atomic_write(out / "eval.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.checkpoint} on {data}: {report.get('images', '?')} images ({task.name})")
+    width = max((len(name) for name, _ in table), default=0)
+    for name, value in table:
+        shown = "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+        print(f"  {name:<{width}}  {shown:>8}")
+    print(f"\nwrote {', '.join(map(str, [out / 'eval.json', *report.get('figures', [])]))}")
+    return 0
+
+
+def _run_data(checkpoint: str) -> str:
+    """The data a run trained on (its recipe.yaml), for `cvt eval --checkpoint RUN` without --data."""
+    from ..recipe import read_yaml
+
+    ckpt = Path(checkpoint)
+    recipe = (ckpt if ckpt.is_dir() else ckpt.parent) / "recipe.yaml"
+    try:
+        data = read_yaml(recipe.read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        data = None
+    if not isinstance(data, str):
+        raise ValueError(f"--data is needed: no recipe.yaml beside {checkpoint} says what the run trained on")
+    return data

@@ -3,6 +3,11 @@
     cvt predict --checkpoint runs/demo/model.safetensors shirt.png boot.jpg
     cvt predict --checkpoint runs/demo --json photos/          # a folder: every image in it
 
+A dense-prediction run answers with its task's output (`Task.predict_files`; detection: boxes x1, y1, x2, y2 in
+the image's pixels, class names, scores, masks as COCO RLE with --json); --save DIR draws them on each image:
+
+    cvt predict --checkpoint runs/det scene.png --json --save drawn/
+
 An unreadable file gets an error line and the others are still answered (exit status 1 when any failed).
 """
 
@@ -25,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", default="none", choices=("none", "hflip"),
                         help="test-time augmentation: hflip averages the image's and its mirror's probabilities")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    parser.add_argument("--save", metavar="DIR", help="dense runs: write each image with its predictions drawn here")
+    parser.add_argument("--score-threshold", type=float, default=0.5,
+                        help="dense runs: keep detections scoring at least this (default 0.5)")
 
 
 def _expand(paths: list[str]) -> list[str]:
@@ -48,11 +56,16 @@ def run(args: argparse.Namespace) -> int:
     from ..data import BatchTransform, file_transform, open_image, preprocess_for
     from ..engine import pick_device
     from ..tasks.classification import log_probs
-    from . import load_classifier
+    from . import dense_task, load_classifier
 
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError("--top-k and --batch-size must be >= 1")
     device = pick_device(args.device)
+    task = dense_task(args.checkpoint)
+    if task is not None:
+        return _run_dense(task, args, device)
+    if args.save:
+        raise ValueError("--save draws a dense run's predictions; a classifier has none to draw")
     model = load_classifier(args.checkpoint, device, "predict")
     names = model.class_names if model.class_names and len(model.class_names) == model.num_classes else None
     names = names or [str(i) for i in range(model.num_classes)]
@@ -100,3 +113,23 @@ def run(args: argparse.Namespace) -> int:
                 tops = ", ".join(f"{p['class']} {p['probability'] * 100:.1f}%" for p in r["predictions"])
                 print(f"{r['image']}: {tops}")
     return 1 if any("error" in r for r in ordered) else 0
+
+
+def _run_dense(task, args: argparse.Namespace, device) -> int:
+    """A dense task's predictions (`task.predict_files`), one JSON document or a line per image."""
+    model, settings = task.load_for_inference(args.checkpoint, device)
+    paths = _expand(args.images)
+    if not paths:
+        raise ValueError(f"no images found in {', '.join(args.images)}")
+    records = task.predict_files(model, settings, paths, device=device, score_threshold=args.score_threshold,
+                                 save_dir=Path(args.save) if args.save else None)
+    for r in records:
+        if "error" in r:
+            print(f"cvt predict: error: {r['image']}: {r['error']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(records, indent=2))
+    else:
+        for r in records:
+            if "error" not in r:
+                print(task.format_prediction(r))
+    return 1 if any("error" in r for r in records) else 0

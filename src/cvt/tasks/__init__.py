@@ -26,6 +26,7 @@ def get_task(name: str) -> type[Task]:
 
 
 from . import classification  # noqa: E402, F401 - registers itself, and needs register_task above
+from . import detection  # noqa: E402, F401 - registers itself
 from . import segmentation  # noqa: E402, F401 - registers itself
 
 __all__ = ["DistInfo", "Evaluation", "Task", "autocast", "get_task", "register_task", "task_names"]
