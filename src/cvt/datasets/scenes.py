@@ -46,6 +46,24 @@ def _resize(item: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`mask` with the background it encloses filled: the background reachable from the border, grown by
+    4-neighbour steps, is all that stays background."""
+    free = np.pad(~mask, 1)
+    outside = np.zeros_like(free)
+    outside[0, :] = outside[-1, :] = outside[:, 0] = outside[:, -1] = True
+    while True:
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= free
+        if np.array_equal(grown, outside):
+            return ~outside[1:-1, 1:-1]
+        outside = grown
+
+
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """(h, w, 3) float: a tinted level, a linear shading and pixel noise."""
     level = rng.uniform(0.0, 0.3)
@@ -116,6 +134,10 @@ def make_canvas(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray
         side = int(rng.integers(ITEM_SIDE[0], largest + 1))
         value = _resize(images[k], side)
         alpha = np.clip(value / 0.15, 0, 1)  # opaque garment, anti-aliased at its outline
+        # Dark pixels inside the outline are garment too (a black shirt's folds): opaque, and no border there.
+        filled = np.pad(_fill_holes(alpha > 0.5), 1)
+        inner = filled[1:-1, 1:-1] & filled[:-2, 1:-1] & filled[2:, 1:-1] & filled[1:-1, :-2] & filled[1:-1, 2:]
+        alpha[inner] = 1.0
         for _try in range(8):
             y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
             full = np.zeros((h, w), bool)
