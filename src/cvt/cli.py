@@ -33,8 +33,10 @@ COMMANDS = {
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 # Other OSErrors are environment trouble the user must fix (disk full, read-only file system, quota), not bugs.
 USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
-# Packages only some commands use (bench, ONNX export), so not installed with cvt itself: which extra brings them.
-OPTIONAL_PACKAGES = {"transformers": "bench", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx"}
+# Packages only some commands use (bench, ONNX export, semantic segmentation), so not installed with cvt itself:
+# which extra brings them.
+OPTIONAL_PACKAGES = {"transformers": "bench", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
+                     "segmentation_models_pytorch": "seg"}
 
 
 def user_message(e: BaseException) -> str | None:
