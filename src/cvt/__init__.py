@@ -1,5 +1,5 @@
 """cvt: the Convolutional Vision Transformer (Wu et al., ICCV 2021) for PyTorch."""
-
+from . import models  # registers the cvt_* models with timm (timm.list_models(module="cvt"))
 from .config import CvTConfig
 from .flops import count_macs
 from .layers import fast_paths, set_fast_paths
@@ -19,6 +19,7 @@ __all__ = [
     "fast_paths",
     "from_pretrained",
     "list_models",
+    "models",
     "param_count",
     "read_checkpoint",
     "save_weights",

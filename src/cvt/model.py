@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
+from timm.models._features import FeatureInfo, feature_take_indices
 from torch import nn
 
 from .config import CvTConfig
@@ -234,14 +235,15 @@ class CvT(nn.Module):
     """A CvT classifier, or a backbone returning NCHW feature maps (`features_only=True`).
 
     The interface is timm's: `forward_features`, `forward_head`, `reset_classifier`, `set_grad_checkpointing`,
-    `feature_info`, `forward_intermediates`. Parameter names follow the authors' checkpoints, with
-    `stage{i}.` written `stages.{i}.` (see `cvt.weights`).
+    `feature_info`, `forward_intermediates`, `prune_intermediate_layers`. Parameter names follow the authors'
+    checkpoints, with `stage{i}.` written `stages.{i}.` (see `cvt.weights`).
     """
 
     def __init__(self, cfg: CvTConfig, features_only: bool = False, out_indices: Sequence[int] = (0, 1, 2)):
         super().__init__()
         self.cfg = cfg
         self.num_classes = cfg.num_classes
+        self.in_chans = cfg.in_chans  # timm reads it (its model traits) to adapt a checkpoint's first convolution
         self.class_names: list[str] | None = None  # set when weights come with names (cvt, Hugging Face formats)
         # True when weights were loaded but not the classifier's (the file had none, or another class count): its
         # head is untrained, so eval and predict refuse such a model.
@@ -252,10 +254,13 @@ class CvT(nn.Module):
             stages.append(Stage(i, in_chans, cfg))
             in_chans = cfg.embed_dims[i]
         self.stages = nn.ModuleList(stages)
+        self.maps = nn.ModuleList(TokenMap(s.cls_token is not None) for s in stages)
         self.norm = LayerNorm(cfg.num_features, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        self.feature_info = [
-            dict(num_chs=d, reduction=r, module=f"stages.{i}")
+        # timm's feature metadata, one dict a stage; `module` names the map (not the stage, whose output is tokens)
+        # for forward hooks and FX feature extraction.
+        self.feature_info: list[dict] | FeatureInfo = [
+            dict(num_chs=d, reduction=r, module=f"maps.{i}", index=i)
             for i, (d, r) in enumerate(zip(cfg.embed_dims, cfg.reductions, strict=True))
         ]
         self.features_only = False
@@ -306,27 +311,54 @@ class CvT(nn.Module):
         self.num_classes = num_classes
         self.class_names = None
         self.cfg = self.cfg.replace(num_classes=num_classes)
-        device = self.norm.weight.device
+        device = next(self.parameters()).device  # (the final norm may be pruned away)
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
         self._init_weights(self.head)
 
     def as_backbone(self, out_indices: Sequence[int] = (0, 1, 2)) -> CvT:
         """Turn this model into a backbone returning the maps of `out_indices`; drops the head, the final norm
-        and the stages after the last index (they would be unused parameters, which DDP rejects)."""
-        n = self.cfg.num_stages
+        and the stages after the last index (they would be unused parameters, which DDP rejects).
+
+        `feature_info` becomes timm's `FeatureInfo` over the returned maps only: `.channels()`, `.reduction()`,
+        `.module_name()`, and iterating it gives one dict per map (as timm's `features_only` wrappers report)."""
+        n = len(self.stages)
         idx = tuple(int(i) % n if -n <= int(i) < n else n for i in out_indices)
         if not idx or any(i >= n for i in idx) or len(set(idx)) != len(idx):
             raise ValueError(f"out_indices {tuple(out_indices)} must name distinct stages among 0..{n - 1}")
         self.out_indices = tuple(sorted(idx))
         self.stages = self.stages[: max(idx) + 1]
+        self.maps = self.maps[: max(idx) + 1]
         self.norm = nn.Identity()
         self.head = nn.Identity()
         self.num_classes = 0
         self.features_only = True
-        self.feature_info = [self.feature_info[i] for i in self.out_indices]
+        maps = [dict(self.feature_info[i]) for i in self.out_indices]
+        self.feature_info = FeatureInfo(maps, out_indices=tuple(range(len(maps))))
         return self
 
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's contract: drop what the intermediates `indices` (last n if an int) do not need: the stages after
+        the last of them, the final norm when asked or when its stage is gone, the head when asked or when its
+        features are gone. Returns the absolute indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[: max_index + 1]
+        self.maps = self.maps[: max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()  # sized for, and applied to, the last stage only
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.cfg.embed_dims[max_index]
+        if prune_head or prune_end:
+            self.reset_classifier(0)
+        return take_indices
+
     def _check_input(self, x: torch.Tensor) -> None:
+        # While FX traces, shapes are proxies that cannot decide an `if`: the checks stand aside (the traced graph
+        # runs on whatever it is given, as the model would after them). TorchScript never compiles this (callers).
+        if fx_tracing():
+            return
         if x.ndim != 4:
             raise ValueError(
                 f"CvT expects images as a (batch, channels, height, width) tensor, got shape {tuple(x.shape)}"
@@ -344,42 +376,56 @@ class CvT(nn.Module):
 
     def min_input_size(self) -> int:
         """Smallest side for which every stage's token embedding still yields at least one token."""
-        size = 1
-        cfg = self.cfg
-        for k, s, p in reversed(list(zip(cfg.patch_sizes, cfg.patch_strides, cfg.patch_paddings))):
-            size = max(1, (size - 1) * s + k - 2 * p)  # inverse of floor((L + 2p - k) / s) + 1 >= size
-        return size
+        return min_input_side(self.cfg)
 
     def forward_intermediates(
-        self, x: torch.Tensor, indices: Sequence[int] | None = None, intermediates_only: bool = False
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Maps `(B, C_i, H/r_i, W/r_i)` of the stages in `indices` (default all), and the final tokens unless
-        `intermediates_only`."""
-        self._check_input(x)
-        n = len(self.stages)
-        wanted = set(range(n)) if indices is None else {int(i) % n for i in indices}
-        maps = []
-        for i, stage in enumerate(self.stages):
-            x, h, w = stage(x)  # tokens (B, [1 +] H*W, C)
-            has_cls = stage.cls_token is not None
-            fmap = _tokens_to_map(x, h, w, has_cls)
-            if i in wanted:
-                maps.append(fmap.contiguous())
-            if i < n - 1:
-                x = fmap
+        """timm's contract: the maps of the stages in `indices` (all if None, the last n if an int, negative from
+        the end), `(B, C_i, H/r_i, W/r_i)` ("NCHW") or `(B, H/r_i, W/r_i, C_i)` ("NHWC"), and unless
+        `intermediates_only` the final tokens as `forward_features` gives them.
+
+        norm: the last stage's map is taken after the final LayerNorm. stop_early: no stage after the last one
+        asked for runs (the returned tokens are then that stage's, without the norm)."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
+        intermediates = []
+        tokens, i = x, -1
+        for i, (stage, to_map) in enumerate(zip(stages, self.maps)):
+            tokens, h, w = stage(x)  # (B, [1 +] H*W, C)
+            x = to_map(tokens, h, w)  # (B, C, H, W), a view: what the next stage embeds
+            if i in take_indices:
+                fmap = to_map(self.norm(tokens), h, w) if norm and i == last else x
+                if output_fmt == "NHWC":
+                    fmap = fmap.permute(0, 2, 3, 1)
+                intermediates.append(fmap.contiguous())
         if intermediates_only:
-            return maps
-        return self.norm(x), maps
+            return intermediates
+        return (self.norm(tokens) if i == last else tokens), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised last-stage tokens `(B, [1 +] H*W, C)`, the cls token first when the model has one."""
-        self._check_input(x)
-        for i, stage in enumerate(self.stages):
-            x, h, w = stage(x)
-            if i < len(self.stages) - 1:
-                x = _tokens_to_map(x, h, w, stage.cls_token is not None)  # next stage embeds a map
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        tokens = x
+        for stage, to_map in zip(self.stages, self.maps):
+            tokens, h, w = stage(x)  # (B, [1 +] H*W, C)
+            # Every stage's map, the last one's too (unused here, a view): FX feature extraction and forward hooks
+            # find a stage's map as the output of `maps.{i}`.
+            x = to_map(tokens, h, w)  # (B, C, H, W): the next stage embeds a map
         # LayerNorm is per token, so norming all tokens then taking the cls token equals the authors' order.
-        return self.norm(x)
+        return self.norm(tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         # authors: the cls token is the image's representation; without one, the mean of the tokens.
@@ -391,6 +437,31 @@ class CvT(nn.Module):
         if self.features_only:
             return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         return self.forward_head(self.forward_features(x))
+
+
+class TokenMap(nn.Module):
+    """A stage's tokens as its feature map, the cls token dropped: (B, [1 +] H*W, C) -> (B, C, H, W), a view.
+
+    A module without parameters so that each stage's map has a name, `maps.{i}` in `CvT.feature_info`, that forward
+    hooks and FX feature extraction (timm's `feature_cls="fx"`, torchvision's `create_feature_extractor`) can ask
+    for; the stages themselves return tokens."""
+
+    def __init__(self, has_cls: bool):
+        super().__init__()
+        self.has_cls = has_cls
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        if self.has_cls:
+            x = x[:, 1:]
+        return x.transpose(1, 2).unflatten(2, (h, w))  # (B, H*W, C) -> (B, C, H, W)
+
+
+def min_input_side(cfg: CvTConfig) -> int:
+    """Smallest image side for which every stage's token embedding still yields at least one token."""
+    size = 1
+    for k, s, p in reversed(list(zip(cfg.patch_sizes, cfg.patch_strides, cfg.patch_paddings))):
+        size = max(1, (size - 1) * s + k - 2 * p)  # inverse of floor((L + 2p - k) / s) + 1 >= size
+    return size
 
 
 def param_count(model: nn.Module) -> int:

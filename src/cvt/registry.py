@@ -1,7 +1,8 @@
 """The model zoo: variants as data, `create_model` / `list_models`, and timm registration.
 
 `create_model("cvt_13")` builds the paper's CvT-13; `pretrained=` takes a local checkpoint in any supported format
-(see `cvt.weights`). After `import cvt`, `timm.create_model("cvt_13")` builds the same model.
+(see `cvt.weights`). Both it and `timm.create_model("cvt_13")` (after `import cvt`) build through the one builder
+in `cvt.models.cvt`, timm's `build_model_with_cfg`, so every model carries timm's `pretrained_cfg`.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def create_model(
     get_variant(name)  # an unknown name is reported before any file is read
     ckpt = _read(pretrained)
     cfg = _fit_config(name, ckpt, num_classes, overrides)
-    return _build(cfg, ckpt, features_only, out_indices)
+    return _build(name, cfg, ckpt, features_only, out_indices)
 
 
 def from_pretrained(
@@ -156,7 +157,7 @@ def from_pretrained(
     ckpt = _read(path)
     num_classes = overrides.pop("num_classes", None)
     cfg = _fit_config(None, ckpt, num_classes, overrides)
-    return _build(cfg, ckpt, features_only, out_indices)
+    return _build(None, cfg, ckpt, features_only, out_indices)
 
 
 def _read(pretrained: Any) -> Checkpoint | None:
@@ -165,8 +166,14 @@ def _read(pretrained: Any) -> Checkpoint | None:
     return read_checkpoint(pretrained)
 
 
-def _build(cfg: CvTConfig, ckpt: Checkpoint | None, features_only: bool, out_indices: Sequence[int]) -> CvT:
-    model = CvT(cfg)
+def _build(
+    name: str | None, cfg: CvTConfig, ckpt: Checkpoint | None, features_only: bool, out_indices: Sequence[int]
+) -> CvT:
+    from .models.cvt import build_cvt
+
+    # The checkpoint is read and fitted here (its config, class names, channel adaptation); timm's builder makes
+    # the model and its pretrained_cfg. num_classes and in_chans are passed so that the cfg's do not replace them.
+    model = build_cvt(name or _variant_like(cfg), cfg, num_classes=cfg.num_classes, in_chans=cfg.in_chans)
     if ckpt is not None:
         load_into(model, ckpt, backbone=features_only)
         if ckpt.class_names is not None and len(ckpt.class_names) == cfg.num_classes:
@@ -176,31 +183,10 @@ def _build(cfg: CvTConfig, ckpt: Checkpoint | None, features_only: bool, out_ind
     return model
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# timm: `timm.create_model("cvt_13")` after `import cvt`
-# ---------------------------------------------------------------------------------------------------------------
-def _register_with_timm() -> None:
-    try:
-        from timm.models import register_model
-        from timm.models._registry import _model_entrypoints
-    except ImportError:  # timm is a dependency, but the model must not need it to import
-        return
-
-    def make_entry(variant_name: str):
-        def entry(pretrained: Any = False, **kwargs: Any) -> CvT:
-            # timm passes its own pretrained_cfg arguments; weights here only ever come from local files.
-            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-                kwargs.pop(key, None)
-            return create_model(variant_name, pretrained=pretrained or None, **kwargs)
-
-        entry.__name__ = variant_name
-        entry.__module__ = __name__
-        entry.__doc__ = _VARIANTS[variant_name].description
-        return entry
-
-    for variant_name in _VARIANTS:
-        if variant_name not in _model_entrypoints:
-            register_model(make_entry(variant_name))
-
-
-_register_with_timm()
+def _variant_like(cfg: CvTConfig) -> str | None:
+    """The registered variant whose pretrained cfg (input size, preprocessing) describes a model built from a
+    checkpoint's own config: the one of the same widths and strides; None for an architecture of its own."""
+    for name, v in _VARIANTS.items():
+        if (v.config.embed_dims, v.config.patch_strides) == (cfg.embed_dims, cfg.patch_strides):
+            return name
+    return None

@@ -362,6 +362,14 @@ def _looks_like_a_hub_name(spec: str | os.PathLike) -> bool:
     return suffix not in (".safetensors", ".pth", ".pt", ".bin", ".json") and not os.path.isdir(text.split("/")[0])
 
 
+def weights_in_folder(path: Path) -> Path:
+    """The weights file of a folder saved by transformers' `save_pretrained` (safetensors first)."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+            return path / name
+    raise CheckpointError(f"{path} is a folder without model.safetensors or pytorch_model.bin")
+
+
 def read_checkpoint(spec: str | os.PathLike) -> Checkpoint:
     """Read any supported checkpoint from a local file or folder into our key layout."""
     if spec is True or _looks_like_a_hub_name(spec):
@@ -374,9 +382,7 @@ def read_checkpoint(spec: str | os.PathLike) -> Checkpoint:
     unrecorded: tuple[str, ...] = ()
     if path.is_dir():
         cfg_path = path / "config.json"
-        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()), None)
-        if weights is None:
-            raise CheckpointError(f"{path} is a folder without model.safetensors or pytorch_model.bin")
+        weights = weights_in_folder(path)
         if cfg_path.exists():
             config, class_names, unrecorded = _config_from_json(_read_json(cfg_path), cfg_path)
         path = weights
@@ -430,21 +436,40 @@ def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 def load_into(model: nn.Module, ckpt: Checkpoint, *, backbone: bool = False) -> None:
-    """Strictly copy `ckpt` into `model`. A classifier of another size, or none in the file, is initialised
-    afresh (with a warning); the first convolution is adapted to the model's input channels (with a warning);
-    anything else that does not fit is a `CheckpointError` naming the missing, unexpected and mis-shaped keys.
+    """Strictly copy `ckpt` into `model` (the rules: `fit_state_dict`).
     `backbone`: the model becomes a backbone after loading, so a file without a classifier is no news."""
-    state = dict(ckpt.state_dict)
+    model.load_state_dict(fit_state_dict(model, ckpt.state_dict, ckpt.path, backbone=backbone), strict=True)
+
+
+def fit_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    *,
+    backbone: bool = False,
+    adapt_first_conv: bool = True,
+) -> dict[str, torch.Tensor]:
+    """A state dict in our key layout made ready for `model.load_state_dict(..., strict=True)`.
+
+    A classifier of another size, or none in the file, is initialised afresh (with a warning); the first
+    convolution is adapted to the model's input channels (with a warning) unless `adapt_first_conv` is False (timm
+    adapts it itself after its filter); anything else that does not fit is a `CheckpointError` naming the missing,
+    unexpected and mis-shaped keys. `source` names the file in messages."""
+    state = dict(state_dict)
     own = model.state_dict()
-    if _FIRST_CONV in state and _FIRST_CONV in own and state[_FIRST_CONV].shape != own[_FIRST_CONV].shape:
+    channels_differ = (
+        _FIRST_CONV in state and _FIRST_CONV in own and state[_FIRST_CONV].shape != own[_FIRST_CONV].shape
+        and state[_FIRST_CONV].shape[:1] + state[_FIRST_CONV].shape[2:] == own[_FIRST_CONV].shape[:1]
+        + own[_FIRST_CONV].shape[2:]
+    )
+    if channels_differ and adapt_first_conv:
         have, want = state[_FIRST_CONV].shape, own[_FIRST_CONV].shape
-        if have[:1] + have[2:] == want[:1] + want[2:]:
-            warnings.warn(
-                f"{ckpt.path} takes {have[1]} input channels, the model {want[1]}: its first convolution was "
-                f"adapted ({'summed over channels' if want[1] == 1 else 'kernels tiled and rescaled'})",
-                stacklevel=3,
-            )
-            state[_FIRST_CONV] = adapt_input_channels(state[_FIRST_CONV], want[1]).to(state[_FIRST_CONV].dtype)
+        warnings.warn(
+            f"{source} takes {have[1]} input channels, the model {want[1]}: its first convolution was "
+            f"adapted ({'summed over channels' if want[1] == 1 else 'kernels tiled and rescaled'})",
+            stacklevel=4,
+        )
+        state[_FIRST_CONV] = adapt_input_channels(state[_FIRST_CONV], want[1]).to(state[_FIRST_CONV].dtype)
     for k in own:  # BatchNorm's step counter is bookkeeping; files stripped of it load as torch would load them
         if k.endswith(".num_batches_tracked") and k not in state:
             state[k] = own[k]
@@ -452,9 +477,9 @@ def load_into(model: nn.Module, ckpt: Checkpoint, *, backbone: bool = False) -> 
     if classifier and not any(k in state for k in classifier):  # e.g. transformers' CvtModel: the encoder alone
         if not backbone:
             warnings.warn(
-                f"{ckpt.path} holds no classifier (final norm and head): they were initialised afresh (train them "
+                f"{source} holds no classifier (final norm and head): they were initialised afresh (train them "
                 "before use)",
-                stacklevel=3,
+                stacklevel=4,
             )
         state.update({k: own[k] for k in classifier})
         model.fresh_classifier = not backbone
@@ -464,9 +489,9 @@ def load_into(model: nn.Module, ckpt: Checkpoint, *, backbone: bool = False) -> 
             state.pop(k)
     elif "head.weight" in state and state["head.weight"].shape[0] != own["head.weight"].shape[0]:
         warnings.warn(
-            f"{ckpt.path} has a {state['head.weight'].shape[0]}-class head; the model has {model.num_classes} classes, "
+            f"{source} has a {state['head.weight'].shape[0]}-class head; the model has {model.num_classes} classes, "
             "so its head was re-initialised (train it before use)",
-            stacklevel=3,
+            stacklevel=4,
         )
         for k in head_keys:
             state[k] = own[k]
@@ -476,7 +501,7 @@ def load_into(model: nn.Module, ckpt: Checkpoint, *, backbone: bool = False) -> 
     mismatched = [
         f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
         for k in own
-        if k in state and state[k].shape != own[k].shape
+        if k in state and state[k].shape != own[k].shape and not (k == _FIRST_CONV and channels_differ)
     ]
     if missing or unexpected or mismatched:
         parts = []
@@ -486,8 +511,8 @@ def load_into(model: nn.Module, ckpt: Checkpoint, *, backbone: bool = False) -> 
             parts.append(f"{len(unexpected)} unexpected key(s): {_list(unexpected)}")
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatch(es) (checkpoint vs model): {_list(mismatched)}")
-        raise CheckpointError(f"{ckpt.path} does not fit this model (another architecture?): " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+        raise CheckpointError(f"{source} does not fit this model (another architecture?): " + "; ".join(parts))
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------------
