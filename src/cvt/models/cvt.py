@@ -71,10 +71,16 @@ def _local_weights(overlay: dict[str, Any] | None, pretrained: Any) -> dict[str,
 # ---------------------------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------------------------
-def _cvt(cfg: CvTConfig, **fields: Any) -> CvT:
+def _cvt(cfg: CvTConfig, output_stride: int | None = None, **fields: Any) -> CvT:
     # timm hands the model its keyword arguments (num_classes, in_chans, drop_path_rate, ...): config fields, so
     # an unknown one is CvTConfig's one-line error naming the known fields.
-    return CvT(cfg.replace(**fields) if fields else cfg)
+    cfg = cfg.replace(**fields) if fields else cfg
+    # timm's output_stride (smp's DeepLabV3 asks for 16): a CvT has no dilated variant, so only its own last
+    # reduction can be honoured.
+    if output_stride is not None and output_stride != cfg.reductions[-1]:
+        raise ValueError(f"output_stride {output_stride}: this CvT's maps end at stride {cfg.reductions[-1]} and it "
+                         "has no dilated form to change that")
+    return CvT(cfg)
 
 
 def build_cvt(variant: str | None, cfg: CvTConfig, pretrained: bool = False, **kwargs: Any) -> nn.Module:
