@@ -25,8 +25,7 @@ def get_task(name: str) -> type[Task]:
     return _TASKS[name]
 
 
-from . import classification  # noqa: E402, F401 - registers itself, and needs register_task above
-from . import detection  # noqa: E402, F401 - registers itself
-from . import segmentation  # noqa: E402, F401 - registers itself
+# Each task module registers itself with register_task, so it is imported after it.
+from . import classification, detection, segmentation  # noqa: E402, F401
 
 __all__ = ["DistInfo", "Evaluation", "Task", "autocast", "get_task", "register_task", "task_names"]
