@@ -197,5 +197,7 @@ def test_task_registry_and_defaults_from_the_data():
     assert get_task("classification").higher_is_better
     assert TrainConfig().task == "classification" and TrainConfig(data="imagefolder:/x").task == "classification"
     assert (default_task("coco:/data/coco"), default_task("seg:/data/ade")) == ("detection", "segmentation")
-    with pytest.raises(ValueError, match="unknown task 'detection'; known tasks: classification"):
-        get_task("detection")
+    assert {"detection", "segmentation"} <= set(task_names())
+    assert (get_task("detection").score, get_task("segmentation").score) == ("val_box_map", "val_miou")
+    with pytest.raises(ValueError, match="unknown task 'detectoin'; known tasks: classification, detection"):
+        get_task("detectoin")

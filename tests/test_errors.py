@@ -188,8 +188,8 @@ def test_bad_drop_path_rate_is_a_value_error(rate):
     ("strict_data=1", ["strict_data must be true or false, got 1"]),
     ("data_dir=5", ["data_dir must be a path or null, got 5"]),  # was: a TypeError traceback from Path(5)
     ("checkpoint_minutes=-1", ["checkpoint_minutes must be >= 0 (0: off), got -1"]),
-    ("task=detectoin", ["task must be one of classification, got 'detectoin'"]),
-    ("data=coco:/data/coco", ["data 'coco:/data/coco' implies task 'detection', which cvt cannot train yet"]),
+    ("task=detectoin", ["task must be one of classification, detection, segmentation, got 'detectoin'"]),
+    ("data=coco:/data/coco", ["COCO folder /data/coco does not exist"]),
 ])
 def test_bad_model_settings_through_the_cli(capsys, tmp_path, setting, needles):
     one_line_error(capsys, ["train", "--set", setting, "--out", str(tmp_path / "run")], *needles)

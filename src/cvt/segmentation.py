@@ -174,11 +174,12 @@ class Segmenter(nn.Module):
 
 def _cvt_backbone(name: str, weights: str | os.PathLike | None, args: dict[str, Any]):
     """The CvT's config fields that differ from the variant's, and the weights' backbone (None without weights)."""
-    from .registry import create_model, default_config
+    from .registry import default_config, from_pretrained
 
     if weights is not None:
-        # every format cvt reads; the checkpoint's own architecture (its config) wins over the variant's
-        source = create_model(name, pretrained=weights, features_only=True, in_chans=3, **_tuples(args))
+        # every format cvt reads; the checkpoint's own architecture (its config, or the variant its shapes match)
+        # wins over the named variant's
+        source = from_pretrained(weights, features_only=True, in_chans=3, **_tuples(args))
         full = source.cfg
     else:
         source, full = None, default_config(name).replace(**_tuples(args))
@@ -208,10 +209,15 @@ def segmenter(
     """
     source = None
     if not backbone.startswith(TIMM_PREFIX):
-        from .registry import get_variant
+        from .registry import default_config, get_variant
 
         get_variant(backbone)  # an unknown name is one clear line before anything is built
         backbone_args, source = _cvt_backbone(backbone, backbone_weights, backbone_args)
+        first = default_config(backbone).replace(**_tuples(backbone_args)).reductions[0]
+        if decoder == "fpn" and first == 4:
+            # smp 0.6 gives maps starting at stride 4 a 0-channel level at stride 2, which its FPN then reads
+            raise ValueError(f"decoder 'fpn' cannot take {backbone}, whose maps start at stride 4 (smp's FPN reads "
+                             "the empty stride-2 level it adds to such encoders); use decoder 'upernet'")
     cfg = SegmenterConfig(backbone=backbone, num_classes=num_classes, decoder=decoder,
                           decoder_channels=decoder_channels, encoder_depth=encoder_depth,
                           backbone_args=dict(backbone_args), class_names=class_names)
@@ -266,6 +272,8 @@ def load_segmenter(checkpoint: str | os.PathLike, device: torch.device | str = "
     from safetensors.torch import load_file
 
     path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise ValueError(f"{path} does not exist: no config.json, so not a segmentation run's weights")
     folder = path if path.is_dir() else path.parent
     config_path = folder / "config.json"
     try:
