@@ -3,7 +3,7 @@ through smp's timm encoder (`tu-<name>`), which reads the backbone's timm `Featu
 
     from cvt.segmentation import segmenter
     model = segmenter("cvt_tiny", num_classes=11, decoder="upernet")              # logits (B, 11, H, W)
-    model = segmenter("cvt_13", num_classes=11, decoder="fpn", backbone_weights="runs/cls/model.safetensors")
+    model = segmenter("cvt_13", num_classes=11, decoder="upernet", backbone_weights="runs/cls/model.safetensors")
     model = segmenter("timm:resnet18", num_classes=11, decoder="upernet")          # the same decoder on ResNet-18
 
 How smp reads a backbone (`TimmUniversalEncoder`): its maps' reductions decide the layout. Reductions 4/8/16(/32)
