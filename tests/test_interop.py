@@ -96,6 +96,35 @@ def test_torch_compile_fullgraph(mode):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_torchscript_script_matches_eager(mode):
+    """torch.jit.script compiles the reference forward (the fast paths sit behind `torch.jit.is_scripting()`)."""
+    model = getattr(_tiny(), mode)()
+    scripted = torch.jit.script(model)
+    start = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        out = scripted(X)
+        model.load_state_dict(start)
+        assert torch.allclose(out, model(X), atol=1e-5)
+
+
+def test_fx_graph_scripts():
+    """What timm's tests do with a traced model: script the FX graph (its tracer keeps blocks whole)."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = _tiny().eval()
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    graph = create_feature_extractor(model, train_return_nodes=train_nodes[-1:], eval_return_nodes=eval_nodes[-1:],
+                                     tracer_kwargs=tracer_kwargs)
+    with torch.no_grad():
+        expected = model(X)
+        assert torch.equal(next(iter(graph(X).values())), expected)  # blocks run as the module runs them
+        # scripted, the blocks are compiled too, on their reference forward
+        assert torch.allclose(next(iter(torch.jit.script(graph)(X).values())), expected, atol=1e-5)
+
+
 def test_torchscript_trace_matches_eager():
     model = _tiny().eval()
     with torch.no_grad():

@@ -12,7 +12,6 @@ Layouts: images and feature maps are NCHW `(B, C, H, W)`; token sequences are `(
 (plus one cls token in front in the last stage).
 """
 
-from __future__ import annotations
 
 import math
 from collections.abc import Sequence
@@ -36,13 +35,16 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back (authors: their subclass upcasts so fp16/bf16 runs stay stable)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (torch.fx cannot read a traced dtype: its graph holds the fp32 case, which autocast upcasts to anyway)
-        if fx_tracing() or x.dtype == torch.float32:
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        # Autocast would run layer_norm in fp32 anyway on CUDA, but not on every device: do it explicitly.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
-        return out.to(x.dtype)
+        # (torch.fx cannot read a traced dtype, nor TorchScript this block: their graphs hold the fp32 case, which
+        # autocast upcasts to anyway)
+        if not torch.jit.is_scripting():
+            if not fx_tracing() and x.dtype != torch.float32:
+                # Autocast would run layer_norm in fp32 anyway on CUDA, but not on every device: do it explicitly.
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                                       self.eps)
+                return out.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 def _make_act(name: str) -> nn.Module:
@@ -80,10 +82,11 @@ class ConvProjection(nn.Module):
         self.bn = BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and is_enabled("fold_batchnorm") and as_built(self.bn, BatchNorm2d):
-            x = conv_bn_folded(self.conv, self.bn, x)  # fast path: one pass instead of two
-        else:
-            x = self.bn(self.conv(x))  # (B, C, H', W')
+        if not torch.jit.is_scripting():
+            if not self.training and is_enabled("fold_batchnorm") and as_built(self.bn, BatchNorm2d):
+                x = conv_bn_folded(self.conv, self.bn, x)  # fast path: one pass instead of two
+                return x.flatten(2).transpose(1, 2)
+        x = self.bn(self.conv(x))  # (B, C, H', W')
         return x.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'*W', C)
 
 
@@ -124,7 +127,7 @@ class Attention(nn.Module):
         if has_cls:
             # authors: the cls token skips the convolution and joins q, k and v unchanged.
             cls = x[:, :1]
-            q, k, v = (torch.cat((cls, t), dim=1) for t in (q, k, v))
+            q, k, v = torch.cat((cls, q), dim=1), torch.cat((cls, k), dim=1), torch.cat((cls, v), dim=1)
         nh = self.num_heads
         q = self.proj_q(q).unflatten(-1, (nh, -1)).transpose(1, 2)  # (B, nh, Tq, hd)
         k = self.proj_k(k).unflatten(-1, (nh, -1)).transpose(1, 2)  # (B, nh, Tkv, hd)
@@ -152,8 +155,10 @@ class Mlp(nn.Module):
         self.checkpointed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (kernel := fused.mlp_kernel(self)) is not None:
-            return fused.mlp_forward(self, kernel, x)  # fast path: the same function
+        if not torch.jit.is_scripting():
+            kernel = fused.mlp_kernel(self)
+            if kernel is not None:
+                return fused.mlp_forward(self, kernel, x)  # fast path: the same function
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -169,8 +174,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act, cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
-        if fused.block_inference_applies(self, x):
-            return fused.block_inference(self, x, h, w, has_cls)  # fast path: the same function
+        if not torch.jit.is_scripting():
+            if fused.block_inference_applies(self, x):
+                return fused.block_inference(self, x, h, w, has_cls)  # fast path: the same function
         x = x + self.drop_path(self.attn(self.norm1(x), h, w, has_cls))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -210,15 +216,18 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x, h, w = self.patch_embed(x)  # (B, H*W, C)
-        has_cls = self.cls_token is not None
-        if has_cls:
-            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + H*W, C)
+        cls_token = self.cls_token
+        has_cls = cls_token is not None
+        if cls_token is not None:
+            x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + H*W, C)
         x = self.pos_drop(x)
+        if not torch.jit.is_scripting():
+            if self._grad_checkpointing and torch.is_grad_enabled() and not fx_tracing():
+                for block in self.blocks:
+                    x = checkpoint_block(block, x, h, w, has_cls)
+                return x, h, w
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled() and not fx_tracing():
-                x = checkpoint_block(block, x, h, w, has_cls)
-            else:
-                x = block(x, h, w, has_cls)
+            x = block(x, h, w, has_cls)
         return x, h, w
 
 
@@ -315,7 +324,7 @@ class CvT(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
         self._init_weights(self.head)
 
-    def as_backbone(self, out_indices: Sequence[int] = (0, 1, 2)) -> CvT:
+    def as_backbone(self, out_indices: Sequence[int] = (0, 1, 2)) -> "CvT":
         """Turn this model into a backbone returning the maps of `out_indices`; drops the head, the final norm
         and the stages after the last index (they would be unused parameters, which DDP rejects).
 
@@ -435,7 +444,9 @@ class CvT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.features_only:
-            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
+            if not torch.jit.is_scripting():
+                return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
+            raise RuntimeError("a features_only CvT cannot be scripted: trace it (torch.jit.trace, torch.fx)")
         return self.forward_head(self.forward_features(x))
 
 

@@ -20,8 +20,9 @@ class QuickGELU(nn.Module):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_enabled("quick_gelu_as_silu"):
-            return F.silu(1.702 * x) / 1.702
+        if not torch.jit.is_scripting():
+            if is_enabled("quick_gelu_as_silu"):
+                return F.silu(1.702 * x) / 1.702
         return x * torch.sigmoid(1.702 * x)
 
 

@@ -8,6 +8,7 @@ residual add into the GEMM. Exact fp32 (no reduced-precision math mode), so the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import functorch_active, is_enabled, tracing_or_compiling
@@ -132,6 +133,7 @@ class Linear(nn.Linear):
     is on. Anything that takes an nn.Linear takes it (PEFT's LoRA, pruning, quantization wrappers)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if onednn_applies(x, self.weight):
-            return scaled_linear(x, self)
-        return super().forward(x)
+        if not torch.jit.is_scripting():
+            if onednn_applies(x, self.weight):
+                return scaled_linear(x, self)
+        return F.linear(x, self.weight, self.bias)

@@ -50,6 +50,14 @@ class BatchNorm2d(nn.BatchNorm2d):
         # Python check of the input's rank, which torch.fx could not trace.
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        if not torch.jit.is_scripting():
+            return self._forward_train(x)
+        self.num_batches_tracked.add_(1)  # TorchScript: the plain training step
+        momentum = 0.0 if self.momentum is None else self.momentum
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps)
+
+    @torch.jit.unused
+    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
         again = self.checkpointed and recomputing()
         if not again:  # momentum 0 below keeps the running statistics as the first pass left them
             self.num_batches_tracked.add_(1)

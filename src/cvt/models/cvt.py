@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 from ..config import CvTConfig
-from ..model import CvT, min_input_side
+from ..model import Block, CvT, min_input_side
 from ..registry import default_config, get_variant
 from ..weights import CheckpointError, fit_state_dict, to_ours, weights_in_folder
 
@@ -71,6 +72,11 @@ def _local_weights(overlay: dict[str, Any] | None, pretrained: Any) -> dict[str,
 # ---------------------------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------------------------
+# timm's FX tracer (feature_cls="fx", its tests) keeps a block whole, so the graph runs the block's own forward,
+# fast paths included, and computes exactly what the module does; torch.fx's default tracer still traces through it.
+register_notrace_module(Block)
+
+
 def _cvt(cfg: CvTConfig, output_stride: int | None = None, **fields: Any) -> CvT:
     # timm hands the model its keyword arguments (num_classes, in_chans, drop_path_rate, ...): config fields, so
     # an unknown one is CvTConfig's one-line error naming the known fields.
