@@ -410,3 +410,20 @@ def test_scenes_command_and_overwrite(tmp_path, fake_fmnist, capsys):
     assert (out / "notes.txt").read_text() == "mine" and len(CocoDetection(out, "val")) == 2
     assert main(["data", "scenes", str(tmp_path / "x"), "--data-dir", str(tmp_path / "none")]) == 2
     assert "Fashion-MNIST not found" in capsys.readouterr().err
+
+
+def test_dense_predict_reads_images_as_training_does(tmp_path):
+    """`cvt predict` of a dense run reads a file as the datasets do: a 16-bit grey image by its full range (PIL's own
+    convert would clip it at 255), a palette image by its colours."""
+    from cvt.datasets.coco import read_rgb, read_rgb_tensor
+
+    grey = np.full((4, 6), 32768, dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    x = read_rgb_tensor(tmp_path / "g16.png")
+    assert x.shape == (3, 4, 6) and x.dtype == torch.uint8 and int(x.min()) == int(x.max()) == 128
+    pal = Image.new("P", (3, 2))
+    pal.putpalette([10, 20, 30] * 256)
+    pal.save(tmp_path / "p.png")
+    assert torch.equal(read_rgb_tensor(tmp_path / "p.png"), torch.from_numpy(read_rgb(tmp_path / "p.png").copy())
+                       .permute(2, 0, 1))
+    assert read_rgb_tensor(tmp_path / "p.png")[:, 0, 0].tolist() == [10, 20, 30]

@@ -23,12 +23,7 @@ SMALL = dict(depths=(1, 1, 1))
 NAMES = cvt.list_models()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
 
 
 def _shrunk(name: str) -> dict:

@@ -18,12 +18,7 @@ from cvt.weights import STATE_FORMAT, CheckpointError, from_ours
 SMALL = dict(depths=(1, 1, 1))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
 
 
 def _model(**kw) -> cvt.CvT:

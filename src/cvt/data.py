@@ -217,20 +217,27 @@ def open_image(path: str | os.PathLike, in_chans: int):
     with Image.open(path) as img:
         img.load()
         top = _full_scale(img)  # before exif_transpose, whose copy drops the TIFF tags
-        img = ImageOps.exif_transpose(img)
-    if top is not None:
-        # 16/32-bit grey: PIL's convert("L") clips at 255 instead of scaling, so scale by hand, by the format's
-        # full range: a pixel's brightness must not depend on the brightest pixel of its image.
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
-    elif img.mode in ("P", "PA"):
-        img = img.convert("RGBA")
+        img = as_8bit(ImageOps.exif_transpose(img), top)
     if in_chans == 1:
         return img.convert("L")
     img = img.convert("RGB")
     if in_chans == 3:
         return img
     raise ValueError(f"images can be read as 1 or 3 channels, the model takes {in_chans}")
+
+
+def as_8bit(img, top: float | None):
+    """`img` ready for convert("L"/"RGB"): 16/32-bit grey scaled by its format's full range `top` (`_full_scale`;
+    PIL's convert clips at 255 instead, and a pixel's brightness must not depend on the brightest pixel of its
+    image), palettes expanded (to RGBA, keeping transparency's colour)."""
+    from PIL import Image
+
+    if top is not None:
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("P", "PA"):
+        return img.convert("RGBA")
+    return img
 
 
 def _full_scale(img) -> float | None:

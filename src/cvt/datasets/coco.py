@@ -204,17 +204,16 @@ def read_rgb(path: Path) -> np.ndarray:
     torchvision's CocoDetection reads them); grey images repeated to three channels."""
     from PIL import Image
 
-    from ..data import _full_scale
+    from ..data import _full_scale, as_8bit
 
     with Image.open(path) as img:
         img.load()
-        top = _full_scale(img)
-        if top is not None:  # 16/32-bit grey: scaled by the format's range, not clipped at 255
-            arr = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
-        elif img.mode in ("P", "PA"):
-            img = img.convert("RGBA")
-        return np.asarray(img.convert("RGB"))
+        return np.asarray(as_8bit(img, _full_scale(img)).convert("RGB"))
+
+
+def read_rgb_tensor(path: str | Path) -> torch.Tensor:
+    """`read_rgb` as a uint8 (3, H, W) tensor: what `cvt predict` of a dense run reads, as training reads it."""
+    return torch.from_numpy(read_rgb(Path(path)).copy()).permute(2, 0, 1).contiguous()
 
 
 def _reason(e: Exception) -> str:

@@ -433,15 +433,13 @@ class Detection(Task):
     @classmethod
     def predict_files(cls, model: nn.Module, settings: dict, paths: list[str], *, device: torch.device,
                       score_threshold: float = 0.5, save_dir: Path | None = None) -> list[dict]:
-        from PIL import Image
-        from torchvision.transforms.functional import pil_to_tensor
+        from ..datasets.coco import read_rgb_tensor
 
         names = settings["class_names"]
         records = []
         for path in paths:
             try:
-                with Image.open(path) as im:
-                    x = pil_to_tensor(im.convert("RGB"))  # (3, H, W) uint8
+                x = read_rgb_tensor(path)  # (3, H, W) uint8
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
                 records.append({"image": path, "error": str(e).splitlines()[0] if str(e) else type(e).__name__})
                 continue

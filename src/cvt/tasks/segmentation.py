@@ -291,8 +291,9 @@ class Segmentation(Task):
         `score_threshold` is detection's: every pixel gets its most probable class."""
         import numpy as np
         from PIL import Image
-        from torchvision.transforms.functional import pil_to_tensor
         from torchvision.utils import draw_segmentation_masks
+
+        from ..datasets.coco import read_rgb_tensor
 
         k = model.num_classes
         classes = settings.get("class_names") or [f"class_{i}" for i in range(k)]
@@ -302,8 +303,7 @@ class Segmentation(Task):
         records = []
         for path in paths:
             try:
-                with Image.open(path) as img:
-                    rgb = pil_to_tensor(img.convert("RGB"))  # (3, H, W) uint8
+                rgb = read_rgb_tensor(path)  # (3, H, W) uint8
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
                 records.append({"image": path, "error": str(e).splitlines()[0] if str(e) else type(e).__name__})
                 continue
