@@ -269,7 +269,7 @@ def save_segmenter(model: Segmenter, folder: Path, extra: dict[str, Any] | None 
 def load_segmenter(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Segmenter, dict]:
     """A saved segmenter (a run folder, its best/ folder, or the model.safetensors in one) in eval mode, and its
     config.json."""
-    from safetensors.torch import load_file
+    from .weights import load_safetensors_into
 
     path = Path(checkpoint).expanduser()
     if not path.exists():
@@ -286,12 +286,5 @@ def load_segmenter(checkpoint: str | os.PathLike, device: torch.device | str = "
         raise ValueError(f"{config_path} does not describe a segmenter (task {config.get('task', 'classification')!r})")
     weights = path if path.is_file() else folder / config.get("weights", "model.safetensors")
     model = Segmenter(SegmenterConfig.from_dict(config))
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # noqa: BLE001 - a missing or truncated file is one clear line
-        raise ValueError(f"cannot read {weights}: {e}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not fit its config.json: {len(missing)} missing key(s) {missing[:3]}, "
-                         f"{len(unexpected)} unexpected {unexpected[:3]}")
+    load_safetensors_into(model, weights, "its config.json")
     return model.to(device).eval(), config

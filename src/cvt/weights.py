@@ -441,6 +441,21 @@ def load_into(model: nn.Module, ckpt: Checkpoint, *, backbone: bool = False) -> 
     model.load_state_dict(fit_state_dict(model, ckpt.state_dict, ckpt.path, backbone=backbone), strict=True)
 
 
+def load_safetensors_into(model: nn.Module, weights: Path, described_by: str) -> None:
+    """Load the safetensors file `weights` into `model`, every key matching (a dense run's detector or segmenter,
+    which `described_by` names in the message); one clear line for a file that cannot be read or does not fit."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign file is one clear line
+        raise ValueError(f"cannot read {weights}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not fit {described_by}: {len(missing)} missing key(s) {missing[:3]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:3]}")
+
+
 def fit_state_dict(
     model: nn.Module,
     state_dict: dict[str, torch.Tensor],

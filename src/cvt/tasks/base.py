@@ -127,6 +127,15 @@ class Task:
         key = "final_" + cls.score.removeprefix("val_")
         return f"{key} {summary[key]}"
 
+    @classmethod
+    def best_note(cls, summary: dict[str, Any], value: str) -> str:
+        """" (best VALUE at epoch N, weights in DIR)" for a headline, `value` the formatted best score; "" when no
+        evaluation chose best weights."""
+        if summary.get("best_" + cls.score.removeprefix("val_")) is None:
+            return ""
+        where = f", weights in {summary['best_weights']}" if summary.get("best_weights") else ""
+        return f" (best {value} at epoch {summary['best_epoch']}{where})"
+
     def plots(self, history: list[dict[str, Any]], final: Evaluation, out: Path, title: str) -> None:
         """PNG figures of the run in `out` (`title`: the model's name)."""
 

@@ -250,10 +250,7 @@ class Classification(Task):
 
     @classmethod
     def headline(cls, summary: dict[str, Any]) -> str:
-        best = ""
-        if summary["best_top1"] is not None:
-            where = f", weights in {summary['best_weights']}" if summary["best_weights"] else ""
-            best = f" (best {summary['best_top1']:.2f}% at epoch {summary['best_epoch']}{where})"
+        best = cls.best_note(summary, f"{summary['best_top1'] or 0:.2f}%")
         return (f"final top-1 {summary['final_top1']:.2f}%{best}, top-5 {summary['final_top5']:.2f}% "
                 f"on {summary['val_images']} images")
 

@@ -244,9 +244,8 @@ def read_detector_config(checkpoint: str | os.PathLike) -> dict[str, Any] | None
 
 def load_detector(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """The detector a run folder (or its model.safetensors) holds, in eval mode, and its config.json."""
-    from safetensors.torch import load_file
-
     from ..detection import build_detector
+    from ..weights import load_safetensors_into
 
     config = read_detector_config(checkpoint)
     if config is None:
@@ -258,14 +257,7 @@ def load_detector(checkpoint: str | os.PathLike, device: torch.device | str = "c
     args = dict(config["detector"])
     args["anchor_sizes"] = tuple(args["anchor_sizes"])
     model = build_detector(**args)
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file becomes one clear line
-        raise ValueError(f"cannot read {weights}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not fit the detector its config.json describes: "
-                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    load_safetensors_into(model, weights, "the detector its config.json describes")
     return model.to(device).eval(), config
 
 
@@ -385,9 +377,7 @@ class Detection(Task):
                 f" on {summary['val_images']} images")
         if "final_mask_map" in summary:
             text += f", mask mAP {_fmt(summary['final_mask_map'])}"
-        if summary.get("best_box_map") is not None:
-            text += f" (best box mAP {_fmt(summary['best_box_map'])} at epoch {summary['best_epoch']})"
-        return text
+        return text + cls.best_note(summary, f"box mAP {_fmt(summary.get('best_box_map'))}")
 
     def plots(self, history: list[dict[str, Any]], final: Evaluation, out: Path, title: str) -> None:
         from ..plots import plot_curves

@@ -226,10 +226,7 @@ class Segmentation(Task):
 
     @classmethod
     def headline(cls, summary: dict[str, Any]) -> str:
-        best = ""
-        if summary.get("best_miou") is not None:
-            where = f", weights in {summary['best_weights']}" if summary.get("best_weights") else ""
-            best = f" (best {summary['best_miou']:.2f}% at epoch {summary['best_epoch']}{where})"
+        best = cls.best_note(summary, f"{summary.get('best_miou') or 0:.2f}%")
         return (f"final mIoU {summary['final_miou']:.2f}%{best}, pixel accuracy {summary['final_pixel_acc']:.2f}% "
                 f"on {summary['val_images']} images")
 
