@@ -175,8 +175,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if fused.block_inference_applies(self, x):
-                return fused.block_inference(self, x, h, w, has_cls)  # fast path: the same function
+            kernel = fused.block_inference_kernel(self, x)
+            if kernel is not None:
+                return fused.block_inference(self, kernel, x, h, w, has_cls)  # fast path: the same function
         x = x + self.drop_path(self.attn(self.norm1(x), h, w, has_cls))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

@@ -121,20 +121,19 @@ def mlp_add_inference(mlp: nn.Module, kernel: ActKernel, residual: torch.Tensor,
     return residual
 
 
-def block_inference_applies(block: nn.Module, x: torch.Tensor) -> bool:
-    """`block_inference` may run: the fast path is on, plain eager inference, an as-built proj and MLP."""
-    return (
-        is_enabled("fused_inference")
-        and not block.training
-        and eager_inference(x)
-        and as_built(block.attn.proj, Linear)
-        and fusable(block.mlp) is not None
-    )
+def block_inference_kernel(block: nn.Module, x: torch.Tensor) -> ActKernel | None:
+    """The MLP's activation kernel when `block_inference` may run (the fast path is on, plain eager inference, an
+    as-built proj and MLP), else None."""
+    if not (is_enabled("fused_inference") and not block.training and eager_inference(x)
+            and as_built(block.attn.proj, Linear)):
+        return None
+    return fusable(block.mlp)
 
 
-def block_inference(block: nn.Module, x: torch.Tensor, h: int, w: int, has_cls: bool) -> torch.Tensor:
+def block_inference(block: nn.Module, kernel: ActKernel, x: torch.Tensor, h: int, w: int,
+                    has_cls: bool) -> torch.Tensor:
     """A pre-norm block's inference in fewer passes over memory: each residual add rides on the matmul of the
     branch's last Linear (a oneDNN post-op, or MKL's addmm accumulating into the residual), and the activation is
     fc1's post-op or runs in place. Only tensors made here are written in place; the input `x` is left as it is."""
     y = residual_linear(x, block.attn.attend(block.norm1(x), h, w, has_cls), block.attn.proj, inplace=False)
-    return mlp_add_inference(block.mlp, fusable(block.mlp), y, block.norm2(y))
+    return mlp_add_inference(block.mlp, kernel, y, block.norm2(y))
