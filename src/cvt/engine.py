@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .budget import TimeBudget, parse_duration
 from .model import CvT, param_count
 from .recipe import TrainConfig, write_yaml
 from .tasks import DistInfo, Evaluation, Task, autocast, get_task
@@ -164,6 +165,11 @@ class WarmupCosine:
 
     def step(self) -> None:
         self.step_count += 1
+        self._apply()
+
+    def resize(self, total: int) -> None:
+        """Decay to `total` steps instead (a `--time-budget` run fitting its length); warm-up and cool-down stay."""
+        self.total = total
         self._apply()
 
     def get_last_lr(self) -> float:
@@ -475,6 +481,15 @@ class Run:
     train_seconds: float = 0.0
     wall_before: float = 0.0  # wall-clock seconds of the run before this process took it up
     writer: Any = None  # TensorBoard's, on rank 0
+    budget: TimeBudget | None = None  # --time-budget: the fitted length of the run
+
+    @property
+    def epochs(self) -> int:
+        """Epochs this run trains: the recipe's, or as many as fit its time budget (the last perhaps short)."""
+        return self.budget.epochs if self.budget is not None else self.cfg.epochs
+
+    def epoch_steps(self, epoch: int) -> int:
+        return self.budget.epoch_steps(epoch) if self.budget is not None else self.steps_per_epoch
 
     @property
     def eval_model(self) -> nn.Module:
@@ -495,6 +510,7 @@ class Run:
             "rng": rng_state(), "config": self.cfg.to_dict(), **self.task.state(t.model),
             "history": self.history, "train_seconds": self.train_seconds, "wall_seconds": self.wall(),
             "skipped": dict(t.skipped), "partial": partial,
+            "time_budget": self.budget.state() if self.budget is not None else None,
         }
 
     def checkpoint(self, epoch: int, step: int, partial: dict[str, Any] | None = None) -> Path:
@@ -595,8 +611,22 @@ def _build(cfg: TrainConfig, task: Task, info: DistInfo, device: torch.device, s
         scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, ema=ema,
         accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, seed=cfg.seed, dist=info, strict_data=cfg.strict_data,
     )
+    budget = None
+    if cfg.time_budget is not None:
+        budget = TimeBudget(parse_duration(cfg.time_budget), most=cfg.epochs * steps, steps_per_epoch=steps,
+                            eval_every=cfg.eval_every, val_batches=_val_images(task) / cfg.batch_size)
     return Run(cfg=cfg, task=task, trainer=trainer, out=Path(cfg.out), steps_per_epoch=steps, micro=micro,
-               wall_start=wall_start)
+               wall_start=wall_start, budget=budget)
+
+
+def _val_images(task: Task) -> int:
+    """The size of the task's validation split (its loader's dataset, or its in-memory tensors)."""
+    val = task.val
+    val = getattr(val, "dataset", val)
+    try:
+        return len(val)
+    except TypeError:
+        return 0
 
 
 def _restore(run: Run, state: dict[str, Any], state_path: Path) -> None:
@@ -613,6 +643,9 @@ def _restore(run: Run, state: dict[str, Any], state_path: Path) -> None:
     run.history, run.train_seconds = list(state["history"]), float(state["train_seconds"])
     run.wall_before, t.skipped = float(state.get("wall_seconds", 0.0)), dict(state.get("skipped", {}))
     run.partial = state.get("partial") if run.start_step > 0 else None
+    if run.budget is not None and state.get("time_budget"):
+        run.budget.load_state(state["time_budget"])
+        t.schedule.resize(run.budget.total)
     log.info("resuming %s from epoch %d, step %d/%d", state_path, run.start_epoch + 1, run.start_step,
              run.steps_per_epoch)
 
@@ -670,16 +703,23 @@ def _train(run: Run, progress: bool) -> Evaluation:
     the last evaluation (of the final weights, measured again when a resumed run had nothing left to train)."""
     cfg, final = run.cfg, None
     with _StopFlag(run.trainer.dist, cfg.checkpoint_minutes * 60) as stop:
-        for epoch in range(run.start_epoch, cfg.epochs):
+        epoch = run.start_epoch
+        while epoch < run.epochs:  # (a budgeted run refits `run.epochs` at each epoch's end)
             stats = _train_epoch(run, epoch, stop, progress)
+            ended = time.perf_counter()
+            last = epoch + 1 == run.epochs
             row = {"epoch": epoch + 1, "train_loss": round(stats.loss, 5), **dict.fromkeys(run.task.metrics),
                    "lr": run.trainer.schedule.get_last_lr(), "images_per_s": round(stats.images_per_s, 1),
                    "seconds": round(stats.seconds, 2)}
-            if epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0:
+            if last or (epoch + 1) % cfg.eval_every == 0:
                 final = _evaluate(run, epoch, stats)
                 row.update(final.metrics)
             _record_epoch(run, row)
             stop.saved()
+            if run.budget is not None and not last:
+                _refit(run, stats, evaluated=row[run.task.score] is not None,
+                       epoch_end_s=time.perf_counter() - ended)
+            epoch += 1
     if final is None:
         t = run.trainer
         final = run.task.evaluate(run.eval_model, device=t.device, dtype=t.dtype, dist=t.dist)
@@ -689,21 +729,25 @@ def _train(run: Run, progress: bool) -> Evaluation:
 def _train_epoch(run: Run, epoch: int, stop: _StopFlag, progress: bool) -> EpochStats:
     """One epoch, in parts when it pauses for a periodic checkpoint; a signal checkpoints and raises Interrupted.
     The stats cover the whole epoch, the part before a resume included."""
-    t, cfg, steps = run.trainer, run.cfg, run.steps_per_epoch
+    t, cfg, steps = run.trainer, run.cfg, run.epoch_steps(epoch)
     first = run.start_step if epoch == run.start_epoch else 0
     before = run.partial if epoch == run.start_epoch else None  # what this epoch did before the resume, if any
     while True:
         run.task.set_epoch(epoch, first * cfg.accum_steps)
-        bar = _progress(progress and t.dist.main, epoch, cfg.epochs, first, steps,
+        bar = _progress(progress and t.dist.main, epoch, run.epochs, first, steps,
                         run.micro * cfg.accum_steps * t.dist.world)
+        on_step, should_stop = bar.update, stop
+        if run.budget is not None:
+            on_step, should_stop = _budget_hooks(run, bar.update, stop)
         try:
-            stats = train_one_epoch(t, run.task.train, epoch, steps, first, bar.update, stop)
+            stats = train_one_epoch(t, run.task.train, epoch, steps, first, on_step, should_stop)
         finally:
             bar.close()
         run.train_seconds += stats.seconds
         stats = stats.after(before)
         _gather_skipped(t)  # (evaluations gather their own)
-        if not stats.interrupted or (not stop.stopping and stats.steps == steps):
+        over = run.budget is not None and t.schedule.step_count >= run.budget.total  # the fitted run's last step
+        if not stats.interrupted or (not stop.stopping and (stats.steps == steps or over)):
             return stats  # (a periodic checkpoint due after the last step: the epoch-end one comes next)
         path = run.checkpoint(epoch, stats.steps, stats.partial())
         if stop.stopping:
@@ -717,6 +761,47 @@ def _train_epoch(run: Run, epoch: int, stop: _StopFlag, progress: bool) -> Epoch
         log.info("checkpoint at epoch %d, step %d/%d written to %s", epoch + 1, stats.steps, steps, path)
         stop.saved()
         first, before = stats.steps, stats.partial()
+
+
+def _budget_hooks(run: Run, on_step: Callable, stop: _StopFlag) -> tuple[Callable, Callable[[], bool]]:
+    """A budgeted epoch's step hooks: the first fit of the run's length once a step's time is measured, and the
+    end of the epoch at the fitted run's last step."""
+    t, budget = run.trainer, run.budget
+    assert budget is not None
+
+    def step_hook(step: int, loss: torch.Tensor, lr: float) -> None:
+        on_step(step, loss, lr)
+        if budget.on_step(t.schedule.step_count, time.perf_counter()):
+            _fit_budget(run, done=t.schedule.step_count)
+
+    def should_stop() -> bool:
+        return stop() or t.schedule.step_count >= budget.total  # stop() first: under DDP every rank must call it
+
+    return step_hook, should_stop
+
+
+def _refit(run: Run, stats: EpochStats, *, evaluated: bool, epoch_end_s: float) -> None:
+    """At an epoch's end: the fit again, with this epoch's step time and, when it was evaluated, what its
+    evaluation and saves took."""
+    budget = run.budget
+    assert budget is not None
+    step_s = stats.seconds / stats.steps if stats.steps else None  # (the epoch's part before a resume included)
+    _fit_budget(run, done=run.trainer.schedule.step_count, step_s=step_s, eval_s=epoch_end_s if evaluated else None)
+
+
+def _fit_budget(run: Run, *, done: int, step_s: float | None = None, eval_s: float | None = None) -> None:
+    """Fit the run's length to its budget (rank 0's fit on every rank) and the cosine to it; logged."""
+    t, budget = run.trainer, run.budget
+    assert budget is not None
+    total = budget.fit(elapsed_s=run.wall(), done=done, step_s=step_s, eval_s=eval_s)
+    if t.dist.enabled:
+        shared = torch.tensor([total], dtype=torch.long, device=t.device if t.device.type == "cuda" else "cpu")
+        dist.broadcast(shared, src=0)
+        budget.total = total = int(shared.item())
+    t.schedule.resize(total)
+    log.info("time budget %.0f s: %.3f s a step, evaluations %s: %d of the recipe's %d steps fit (%.1f epochs)",
+             budget.budget_s, budget.step_s, f"{budget.eval_s:.1f} s" if budget.eval_s is not None else "estimated",
+             total, budget.most, total / run.steps_per_epoch)
 
 
 def _evaluate(run: Run, epoch: int, stats: EpochStats) -> Evaluation:
@@ -786,7 +871,7 @@ def _summarize(run: Run, final: Evaluation) -> dict[str, Any]:
     seconds = sum(h["seconds"] for h in run.history)
     summary = {
         "model": _model_name(cfg), "params": param_count(t.model), "task": task.name, "data": cfg.data,
-        "epochs": cfg.epochs, "best_" + task.score.removeprefix("val_"): best[task.score] if best else None,
+        "epochs": run.epochs, "best_" + task.score.removeprefix("val_"): best[task.score] if best else None,
         "best_epoch": best["epoch"] if best else None,
         "best_weights": _best_weights(run.out, _best_record(task, best)),
         **task.summary(final),
@@ -795,6 +880,7 @@ def _summarize(run: Run, final: Evaluation) -> dict[str, Any]:
         "device": str(t.device), "processes": t.dist.world,
         "amp": str(t.dtype).replace("torch.", "") if t.dtype else "none",
         "ema": t.ema is not None, "skipped_files": len(t.skipped), "skipped": sorted(t.skipped),
+        "time_budget": run.budget.summary() if run.budget is not None else None,
         "config": cfg.to_dict(),
     }
     if t.dist.main:

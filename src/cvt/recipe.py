@@ -106,6 +106,9 @@ class TrainConfig:
     # Besides the checkpoint at each epoch's end, one within an epoch once this many minutes have passed since the
     # last (0: off): a run killed outright (SIGKILL, a lost node) loses at most this much, however long its epochs.
     checkpoint_minutes: float = 30.0
+    # Wall-clock time the run may take, e.g. "9m", "540s", "1h30m" (cvt.budget): after its first steps the run fits
+    # its length (at most epochs x steps) and the cosine to what ends inside it, final evaluation included.
+    time_budget: str | float | None = None
     grad_checkpointing: bool = False
     # Under DDP, BatchNorm statistics over the global batch: N processes then train as one process with the same
     # batch. Off: each process normalises its own share, as the authors trained (no extra communication).
@@ -204,6 +207,13 @@ class TrainConfig:
         need(is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "an integer >= 1")
         need(is_num(self.checkpoint_minutes) and self.checkpoint_minutes >= 0, "checkpoint_minutes", ">= 0 (0: off)")
         need(isinstance(self.out, str) and bool(self.out), "out", "a folder path")
+        if self.time_budget is not None:
+            from .budget import parse_duration
+
+            try:
+                parse_duration(self.time_budget)
+            except ValueError:
+                need(False, "time_budget", "a duration like 9m, 540s or 1h30m, or null")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ValueError(f"batch_size must be even with mixup/cutmix (pairs are mixed), got {self.batch_size}")
 

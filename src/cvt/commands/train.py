@@ -40,6 +40,9 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--eval-every", "eval_every", int, "evaluate every N epochs (the last always)"),
     ("--checkpoint-minutes", "checkpoint_minutes", float,
      "also checkpoint within an epoch every N minutes (default 30; 0: at epoch ends only)"),
+    ("--time-budget", "time_budget", str,
+     "wall-clock time the run may take (e.g. 9m, 540s, 1h30m): the schedule is fitted to the steps that end, "
+     "evaluation included, inside it (at most --epochs)"),
     ("--out", "out", str, "run folder (default runs/train)"),
 ]
 
