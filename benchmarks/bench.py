@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-batch", type=int, default=None,
                         help="training-step and memory batch size (default 32)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds of alternation; medians over them (default 5)")
+    parser.add_argument("--memory-rounds", type=int, default=None,
+                        help="fresh processes per contestant for peak memory, alternating (default 5; --quick: 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--dtype", choices=harness.DTYPES, default="fp32", help="bf16: forward under autocast")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for all (default: torch's)")
@@ -87,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> harness.BenchConfig:
         infer_batches=pick(args.batch_sizes, (1, 32), (1, 8)),
         train_batch=pick(args.train_batch, 32, 8),
         rounds=pick(args.rounds, 5, 2),
+        memory_rounds=pick(args.memory_rounds, 5, 1),
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,

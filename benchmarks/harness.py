@@ -63,6 +63,7 @@ class BenchConfig:
     infer_batches: tuple[int, ...] = (1, 32)
     train_batch: int = 32
     rounds: int = 5
+    memory_rounds: int = 5  # fresh processes per contestant for peak memory, alternating between contestants
     device: str = "cpu"
     # "bf16": forward (and loss) under torch.autocast(bfloat16); weights and optimizer stay fp32.
     dtype: str = "fp32"
@@ -95,7 +96,7 @@ class BenchConfig:
         object.__setattr__(self, "baseline", baseline)  # the JSON records the one used
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.rounds < 1 or self.train_batch < 1 or any(b < 1 for b in self.infer_batches):
+        if self.rounds < 1 or self.memory_rounds < 1 or self.train_batch < 1 or any(b < 1 for b in self.infer_batches):
             raise ValueError("rounds and batch sizes must be >= 1")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
@@ -482,29 +483,44 @@ def _run(cfg: BenchConfig, log: Callable[[str], None], command: str | None) -> d
         result["matmul"] = dict(n=cfg.matmul_size, dtype=cfg.dtype, macs_per_s=rate, samples_s=mm_samples)
 
     if "memory" in cfg.tasks:
-        result["memory"] = {}
-        packages = sorted({p for c in entrants for p in c.packages})
-        for c in entrants:
-            if c.compiled:  # an eager model's memory; compiling one is a measurement of its own
-                continue
-            spec = dict(
-                impl=c.name, setting=dataclasses.asdict(setting), device=cfg.device, dtype=cfg.dtype,
-                batch=cfg.train_batch, threads=cfg.threads or torch.get_num_threads(), seed=cfg.seed,
-                packages=packages,
-            )
-            log(f"peak memory of a training step, batch {cfg.train_batch}: {c.name} (own process)")
-            result["memory"][c.name] = measure_memory(spec)
-        key = "peak_allocated_bytes" if device.type == "cuda" else "peak_rss_bytes"
-        base = result["memory"].get(cfg.baseline)
-        for name, mem in result["memory"].items():
-            if base is not None and name != cfg.baseline:
-                mem["ratio_vs"] = {cfg.baseline: mem[key] / base[key]}
+        result["memory"] = _memory(cfg, entrants, setting, device, log)
 
     if "onnx" in cfg.tasks and "ours" in models:
         result["onnx"] = _bench_onnx(ours, cfg, device, log)
 
     result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return result
+
+
+def _memory(cfg: BenchConfig, entrants: list[contestants.Contestant], setting: contestants.Setting,
+            device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+    """Peak memory of a training step, each contestant in a fresh process, `memory_rounds` rounds alternating
+    between them: per contestant the median round (its figures) and every round's peak; against the baseline the
+    median of the per-round ratios and their range."""
+    packages = sorted({p for c in entrants for p in c.packages})
+    key = "peak_allocated_bytes" if device.type == "cuda" else "peak_rss_bytes"
+    eager = [c for c in entrants if not c.compiled]  # an eager model's memory; a compiled one is its own study
+    rounds: dict[str, list[dict[str, Any]]] = {c.name: [] for c in eager}
+    for i in range(cfg.memory_rounds):
+        for c in eager:
+            spec = dict(
+                impl=c.name, setting=dataclasses.asdict(setting), device=cfg.device, dtype=cfg.dtype,
+                batch=cfg.train_batch, threads=cfg.threads or torch.get_num_threads(), seed=cfg.seed,
+                packages=packages,
+            )
+            log(f"peak memory of a training step, batch {cfg.train_batch}: {c.name} (own process, round {i + 1}/"
+                f"{cfg.memory_rounds})")
+            rounds[c.name].append(measure_memory(spec))
+    out: dict[str, Any] = {}
+    for name, runs in rounds.items():
+        median = sorted(runs, key=lambda r: r[key])[(len(runs) - 1) // 2]
+        out[name] = {**median, "samples_bytes": [r[key] for r in runs]}
+    base = rounds.get(cfg.baseline)
+    for name, runs in rounds.items():
+        if base is not None and name != cfg.baseline:
+            # a ratio below 1 is less memory: speedup(a, b) is the median of b/a, so the baseline goes first
+            out[name]["ratio_vs"] = {cfg.baseline: speedup([r[key] for r in base], [r[key] for r in runs])}
+    return out
 
 
 def _clone_for_training(m: nn.Module, device: torch.device) -> nn.Module:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cvt.utils import write_text
 from harness import DEFAULT_IMPLS, allocator_env, cpu_model
@@ -21,6 +22,45 @@ def _gb(n: float) -> str:
 
 def _load(v: Sequence[float] | None) -> str:
     return "n/a" if not v else " ".join(f"{x:.2f}" for x in v)
+
+
+# The CPU targets against transformers' port (fp32): forward at the largest batch and training step at least these
+# many times faster, training-step peak memory at most this fraction. Judged by the median of the per-round ratios.
+TARGETS = {"forward": 1.5, "training step": 1.3, "peak memory": 0.8}
+
+
+def _targets(r: dict[str, Any], label: Callable[[str], str]) -> list[str]:
+    """The targets table, where ours ran against the port on a CPU: each median with its range, met or not."""
+    c = r["config"]
+    if c["device"] != "cpu" or c["baseline"] != "hf" or c.get("dtype", "fp32") != "fp32":
+        return []
+    found = []
+    infer, train, mem = r.get("infer", {}), r.get("train", {}), r.get("memory", {})
+    if infer:
+        batch = max(infer, key=int)
+        s = infer[batch].get("ours", {}).get("speedup_vs", {}).get("hf")
+        if s:
+            found.append((f"forward, batch {batch}", s, TARGETS["forward"], True))
+    for batch, row in train.items():
+        s = row.get("ours", {}).get("speedup_vs", {}).get("hf")
+        if s:
+            found.append((f"training step, batch {batch}", s, TARGETS["training step"], True))
+    s = mem.get("ours", {}).get("ratio_vs", {}).get("hf")
+    if isinstance(s, (int, float)):
+        s = dict(median=s, min=s, max=s)
+    if s:
+        found.append((f"training-step peak memory, batch {c['train_batch']}", s, TARGETS["peak memory"], False))
+    if not found:
+        return []
+    lines = [f"| target against {label('hf')} | median (range over the rounds) | target | met by the median |",
+             "|---|---|---|---|"]
+    for what, s, target, higher in found:
+        met = s["median"] >= target if higher else s["median"] <= target
+        worst = s["min"] if higher else s["max"]
+        also = "" if (worst >= target if higher else worst <= target) else " (not in every round)"
+        lines.append(f"| {what} | {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}) | "
+                     f"{'>=' if higher else '<='} {target}x | {'yes' if met else '**no**'}{also if met else ''} |")
+    return [*lines, ""]
 
 
 def _ratio(s: dict[str, float], what: str = "", bold: bool = True) -> str:
@@ -107,8 +147,12 @@ def to_markdown(r: dict) -> str:
             lines.append(f"| {label(name)}{gc} | {_gb(e[key])} | {_gb(e['rss_before_steps_bytes'])} RSS |")
         for name, e in mem.items():
             for other, ratio in e.get("ratio_vs", {}).items():
-                lines.append(f"| ratio {label(name)} / {label(other)} | **{ratio:.2f}** | |")
+                if not isinstance(ratio, dict):  # results from before memory had rounds: one process each
+                    ratio = dict(median=ratio, min=ratio, max=ratio)
+                lines.append(f"| ratio {label(name)} / {label(other)} | **{ratio['median']:.2f}** "
+                             f"({ratio['min']:.2f}-{ratio['max']:.2f}) | |")
         lines.append("")
+    lines += _targets(r, label)
     if "onnx" in r:
         o = r["onnx"]
         lines += [

@@ -33,6 +33,17 @@ def make_image(rng: np.random.Generator, cls: int, size=(36, 40)) -> np.ndarray:
     return arr
 
 
+@pytest.fixture(autouse=True)
+def every_fast_path_on():
+    """Each test sees every fast path on, whatever this CPU's defaults turn off (cvt.layers.config.CPU_DEFAULTS:
+    CI machines differ), so each path is checked against the reference on every CPU; the setting before the test
+    is restored after it."""
+    from cvt.layers import fast_paths
+
+    with fast_paths(True):
+        yield
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models on a shared 2-core machine: one thread is faster and immune to another process's load, and every

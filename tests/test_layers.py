@@ -68,11 +68,14 @@ def test_switch_sets_single_paths_all_paths_and_restores():
 
 @pytest.mark.parametrize("spec, off", [
     ("1", set()), ("all", set()), ("", set()), ("0", set(FAST_PATHS)), ("none", set(FAST_PATHS)),
-    ("-onednn_linear, -recompute_act", {"onednn_linear", "recompute_act"}),
     ("fused_inference,fold_batchnorm", set(FAST_PATHS) - {"fused_inference", "fold_batchnorm"}),
 ])
 def test_environment_spec(spec, off):
     assert config.parse_spec(spec) == {name: name not in off for name in FAST_PATHS}
+
+
+def test_environment_spec_of_names_off_leaves_the_rest_as_they_are():
+    assert config.parse_spec("-onednn_linear, -recompute_act") == {"onednn_linear": False, "recompute_act": False}
 
 
 def test_environment_variable_is_applied_and_a_typo_only_warns(monkeypatch):
@@ -188,3 +191,69 @@ def test_ablation_switches_through_the_public_switch():
         assert is_enabled(name)
     with pytest.raises(ValueError, match="unknown fast path"), ablation.switched_off("warp_drive"):
         pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-CPU defaults and `cvt tune`
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def cpu_capability(monkeypatch, tmp_path):
+    """Pretend PyTorch dispatches to the given ISA, with an empty calibration cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def pretend(capability: str):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        config._from_cpu()
+
+    return pretend
+
+
+@pytest.mark.parametrize("capability, kind", [("AVX512", "avx512"), ("AVX512_BF16", "avx512"), ("AVX2", "avx2"),
+                                              ("DEFAULT", "other"), ("NO AVX", "other")])
+def test_cpu_kind_defaults(cpu_capability, capability, kind):
+    cpu_capability(capability)
+    assert config.cpu_kind() == kind
+    off = set(config.CPU_DEFAULTS[kind])
+    assert fast_path_config() == {name: name not in off for name in FAST_PATHS}
+    assert config.fast_path_origin().startswith(f"{kind} defaults")
+    if kind == "avx2":  # oneDNN's GEMM measured slower than PyTorch's on the AVX2-only Zen 3 (RESULTS.md)
+        assert off == {"onednn_linear", "mlp_in_pieces"}
+
+
+def test_calibration_cache_applies_to_its_machine_only(cpu_capability, tmp_path):
+    from cvt.layers import calibrate
+
+    cpu_capability("AVX2")
+    path = calibrate.save({"onednn_linear": True, "mlp_in_pieces": False}, {}, {"model": "cvt_tiny"})
+    assert path == tmp_path / "cvt" / "fast_paths.json"
+    config._from_cpu()
+    assert is_enabled("onednn_linear") and not is_enabled("mlp_in_pieces")
+    assert "cvt tune for this CPU (onednn_linear on, mlp_in_pieces off)" in config.fast_path_origin()
+    cpu_capability("AVX512")  # another ISA (e.g. ATEN_CPU_CAPABILITY lowered it) is another machine
+    assert calibrate.cached_choice() is None and is_enabled("mlp_in_pieces")
+    path.write_text("{not json")
+    assert calibrate.cached_choice() is None
+
+
+def test_choose_keeps_a_path_only_where_it_pays_everywhere():
+    from cvt.layers.calibrate import choose
+
+    assert choose({"onednn_linear": {"inference": 1.07, "training step": 0.94},
+                   "mlp_in_pieces": {"inference": 1.01}}) == {"onednn_linear": False, "mlp_in_pieces": True}
+
+
+def test_cvt_tune_measures_and_keeps_the_choice(cpu_capability, tmp_path, capsys, one_thread):
+    import json
+
+    from cvt.cli import main
+    from cvt.layers import calibrate
+
+    cpu_capability("AVX2")
+    assert main(["tune", "--model", "cvt_tiny", "--img-size", "28", "--batch-size", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "onednn_linear" in out and "kept for" in out
+    entry = json.loads(calibrate.cache_path().read_text())[calibrate.machine_key()]
+    assert set(entry["paths"]) == set(config.CPU_DEPENDENT) and entry["workload"]["batch"] == 2
+    assert entry["paths"] == calibrate.choose(entry["speedups"])
+    assert main(["tune", "--show"]) == 0
+    assert "avx2 defaults" in capsys.readouterr().out

@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "evaluate a checkpoint: top-1/top-5, per-class accuracy, confusion matrix",
     "predict": "classify images with a checkpoint",
     "zoo": "list the registered models with parameters and MACs",
+    "tune": "measure which CPU-dependent fast paths pay on this machine and keep the choice for its CPU",
     "convert": "convert weights between the authors', Hugging Face's and cvt's formats",
     "export": "export a checkpoint to ONNX or TorchScript",
     "data": "write datasets: the Fashion-MNIST scenes for detection and segmentation (cvt data scenes OUT)",

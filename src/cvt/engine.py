@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .budget import TimeBudget, parse_duration
+from .layers.config import fast_path_origin
 from .model import CvT, param_count
 from .recipe import TrainConfig, write_yaml
 from .tasks import DistInfo, Evaluation, Task, autocast, get_task
@@ -881,6 +882,7 @@ def _summarize(run: Run, final: Evaluation) -> dict[str, Any]:
         "amp": str(t.dtype).replace("torch.", "") if t.dtype else "none",
         "ema": t.ema is not None, "skipped_files": len(t.skipped), "skipped": sorted(t.skipped),
         "time_budget": run.budget.summary() if run.budget is not None else None,
+        "fast_paths": fast_path_origin(),
         "config": cfg.to_dict(),
     }
     if t.dist.main:

@@ -9,6 +9,11 @@ it with the path switched off) and changes only speed or memory. All are on by d
   -recompute_act` (those off), `CVT_FAST_PATHS=fused_inference,fold_batchnorm` (only those on).
 
 The setting is global to the process, as timm's `set_fused_attn` is; it is read at each forward.
+
+Which paths are on before any of that depends on the CPU, since what oneDNN's GEMM buys does (benchmarks/RESULTS.md,
+"Per CPU kind"): `CPU_DEFAULTS` by the vector ISA PyTorch dispatches to (`torch.backends.cpu.get_cpu_capability()`),
+then, where `cvt tune` has measured this CPU model under this torch version, its choice
+(`cvt.layers.calibrate`, cached in $XDG_CACHE_HOME/cvt/fast_paths.json). `fast_path_origin()` says which applied.
 """
 
 from __future__ import annotations
@@ -37,7 +42,20 @@ FAST_PATHS: dict[str, str] = {
 
 ENV_VAR = "CVT_FAST_PATHS"
 
+# The paths whose worth depends on the CPU: oneDNN's GEMM against MKL's (and the MLP slicing that serves it). The
+# rest change the algorithm (fewer passes, less memory) and pay on every CPU measured.
+CPU_DEPENDENT = ("onednn_linear", "mlp_in_pieces")
+# Per vector ISA, the CPU-dependent paths that are off. AVX-512 (Zen 4 EPYC, Sapphire Rapids Xeon): oneDNN pays in
+# inference and training. AVX2 only (Zen 3 EPYC): it costs, 0.85x inference and 0.94x training step for cvt_tiny,
+# `mlp_in_pieces` 0.88x. Kinds never measured (ARM, POWER, pre-AVX2 x86) keep PyTorch's own GEMM.
+CPU_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "avx512": (),
+    "avx2": ("onednn_linear", "mlp_in_pieces"),
+    "other": ("onednn_linear", "mlp_in_pieces"),
+}
+
 _enabled: dict[str, bool] = dict.fromkeys(FAST_PATHS, True)
+_origin: list[str] = ["all on"]
 
 
 def _check_names(names) -> None:
@@ -48,7 +66,8 @@ def _check_names(names) -> None:
 
 def parse_spec(spec: str) -> dict[str, bool]:
     """The setting a `CVT_FAST_PATHS` value describes: "1"/"all" (all on), "0"/"none" (all off), a comma list of
-    names (only those on), or of "-name"s (those off, the rest on)."""
+    names (only those on), or of "-name"s (those off, the rest as this CPU's defaults have them: only the names
+    are returned)."""
     text = spec.strip().lower()
     if text in ("", "1", "all", "on", "true"):
         return dict.fromkeys(FAST_PATHS, True)
@@ -58,7 +77,7 @@ def parse_spec(spec: str) -> dict[str, bool]:
     off = {t[1:] for t in tokens if t.startswith("-")}
     on = {t for t in tokens if not t.startswith("-")}
     _check_names(off | on)
-    setting = {name: (name in on if on else True) for name in FAST_PATHS}
+    setting = {name: name in on for name in FAST_PATHS} if on else {}
     setting.update(dict.fromkeys(off, False))
     return setting
 
@@ -73,6 +92,35 @@ def fast_path_config() -> dict[str, bool]:
     return dict(_enabled)
 
 
+def fast_path_origin() -> str:
+    """Where the process's setting came from, in order: the CPU kind's defaults, a `cvt tune` calibration, the
+    environment, `set_fast_paths` calls."""
+    return "; ".join(_origin)
+
+
+def cpu_kind() -> str:
+    """"avx512", "avx2" or "other": the x86 vector ISA PyTorch's CPU kernels dispatch to on this machine (which
+    ATEN_CPU_CAPABILITY can lower)."""
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    if capability.startswith("AVX512"):
+        return "avx512"
+    return "avx2" if capability == "AVX2" else "other"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def set_fast_paths(enable: bool | None = None, /, **paths: bool) -> None:
     """`set_fast_paths(False)` turns every fast path off, `set_fast_paths(True)` on; keywords set single paths,
     after `enable`: `set_fast_paths(False, fused_inference=True)` leaves only that one on."""
@@ -80,17 +128,34 @@ def set_fast_paths(enable: bool | None = None, /, **paths: bool) -> None:
     if enable is not None:
         _enabled.update(dict.fromkeys(FAST_PATHS, bool(enable)))
     _enabled.update({name: bool(on) for name, on in paths.items()})
+    _origin.append("set_fast_paths(" + ", ".join(
+        ([repr(bool(enable))] if enable is not None else []) + [f"{k}={bool(v)}" for k, v in paths.items()]) + ")")
 
 
 @contextlib.contextmanager
 def fast_paths(enable: bool | None = None, /, **paths: bool) -> Iterator[None]:
     """`set_fast_paths(enable, **paths)` for the duration of a `with` block."""
-    saved = fast_path_config()
+    saved, origin = fast_path_config(), list(_origin)
     set_fast_paths(enable, **paths)
     try:
         yield
     finally:
         _enabled.update(saved)
+        _origin[:] = origin
+
+
+def _from_cpu() -> None:
+    kind = cpu_kind()
+    off = CPU_DEFAULTS[kind]
+    _enabled.update({name: name not in off for name in FAST_PATHS})
+    _origin[:] = [f"{kind} defaults" + (f" ({', '.join(off)} off)" if off else " (all on)")]
+    from .calibrate import cached_choice  # (imports nothing heavy)
+
+    choice = cached_choice()
+    if choice is not None:
+        _enabled.update(choice)
+        _origin.append("cvt tune for this CPU (" + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in choice.items())
+                       + ")")
 
 
 def _from_environment() -> None:
@@ -99,10 +164,12 @@ def _from_environment() -> None:
         return
     try:
         _enabled.update(parse_spec(spec))
+        _origin.append(f"{ENV_VAR}={spec}")
     except ValueError as e:  # a typo in the environment should not stop `import cvt`
         warnings.warn(f"{ENV_VAR}={spec!r} ignored: {e}", stacklevel=2)
 
 
+_from_cpu()
 _from_environment()
 
 
