@@ -41,6 +41,7 @@ TASKS = {
         data="coco:{scenes}",
         args=["--batch-size", "8", "--epochs", "3", "--set", "steps_per_epoch=250", "--lr", "1e-3",
               "--warmup-epochs", "0.3", "--clip-grad", "5"],
+        score="val_box_map",
         scores=["final_box_map", "final_box_map_50", "final_box_map_75", "final_box_map_small",
                 "final_box_map_medium", "final_box_map_large"],
     ),
@@ -49,6 +50,7 @@ TASKS = {
         args=["--set", "head=upernet", "--img-size", "128", "--batch-size", "16", "--epochs", "6",
               "--set", "steps_per_epoch=125", "--lr", "1e-3",
               "--warmup-epochs", "0.5", "--clip-grad", "5"],
+        score="val_miou",
         scores=["final_miou", "final_pixel_acc"],
     ),
 }
@@ -61,6 +63,34 @@ def command(task: str, backbone: str, scenes: Path, out: Path, resume: bool) -> 
     return [*cmd, "--resume"] if resume else cmd
 
 
+def backbone_params(backbone: str) -> int:
+    """Parameters of the backbone alone (features_only: its classifier left out), as each head receives it."""
+    import timm
+
+    import cvt
+
+    if backbone == "cvt":
+        import yaml
+
+        model = cvt.create_model("cvt_13", features_only=True, **yaml.safe_load(SMALL_CVT))
+    else:
+        model = timm.create_model("resnet18", features_only=True, pretrained=False)
+    return sum(p.numel() for p in model.parameters())
+
+
+def markdown(results: dict) -> str:
+    """The comparison as a Markdown table, one row a run."""
+    lines = ["| task | backbone | backbone params | model params | images seen | training s | images/s | scores |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for key, r in results["runs"].items():
+        task, backbone = key.split("/")
+        scores = ", ".join(f"{k.removeprefix('final_')} {v:.4g}" for k, v in r.items()
+                           if k.startswith("final_") and v is not None)
+        lines.append(f"| {task} | {backbone} | {r['backbone_params']:,} | {r['params']:,} | {r['images_seen']:,} | "
+                     f"{r['train_seconds']:.0f} | {r['images_per_s']:.1f} | {scores} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenes", type=Path, default=Path("data/scenes"), help="`cvt data scenes` output")
@@ -68,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/issue22/dense_compare.json"))
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="print the JSON's table as Markdown, run nothing")
     args = p.parse_args(argv)
 
     if not args.dry_run and not (args.scenes / "annotations").is_dir():
         print(f"dense_compare: no scenes at {args.scenes}; run `cvt data scenes {args.scenes}` first", file=sys.stderr)
         return 2
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
+    if args.markdown:
+        print(markdown(results))
+        return 0
     results.setdefault("runs", {})
     for task in args.tasks:
         for backbone in BACKBONES:
@@ -96,10 +130,13 @@ def main(argv: list[str] | None = None) -> int:
             s = json.loads(summary.read_text())
             results["runs"][f"{task}/{backbone}"] = dict(
                 command=shlex.join(command(task, backbone, args.scenes, out, resume=False)),
-                params=s["params"], train_seconds=s["train_seconds"], images_per_s=s["images_per_s"],
+                params=s["params"], backbone_params=backbone_params(backbone), train_seconds=s["train_seconds"],
+                images_per_s=s["images_per_s"],
                 images_seen=s["config"]["epochs"] * s["config"]["steps_per_epoch"] * s["config"]["batch_size"],
                 **{k: s.get(k) for k in TASKS[task]["scores"]},
                 per_class=s.get("per_class_box_ap") or s.get("per_class_iou"),
+                epochs=[{k: row.get(k) for k in ("epoch", "images_per_s", "seconds", TASKS[task]["score"])}
+                        for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())],
             )
     if args.dry_run:
         return 0
@@ -107,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     results["date"] = time.strftime("%Y-%m-%d")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: {m: v[m] for m in v if m not in ("command", "per_class")} for k, v in results["runs"].items()},
-                     indent=2))
+    print(markdown(results))
     return 0
 
 

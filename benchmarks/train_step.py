@@ -1,0 +1,94 @@
+"""The demo's training step, timed and profiled: python benchmarks/train_step.py [--compile] [--profile].
+
+cvt_tiny on 1-channel 28 px images, 10 classes, cross-entropy with label smoothing 0.1, AdamW, as
+configs/fashion_mnist_demo.yaml trains it, at each `--batches` size: images/s as the median (and range) of
+`--pairs` rounds that alternate between the variants (eager, and with --compile torch.compile'd, whose compile time is
+reported apart). `--profile` prints torch.profiler's table of where one eager step's time goes. Figures quoted in
+RESULTS.md ("The demo's training step") come from this script, with the machine it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import cvt
+from cvt.layers.config import fast_path_origin
+from harness import cpu_model, time_per_call
+
+
+def step_fn(batch: int, compiled: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    model = cvt.create_model("cvt_tiny", in_chans=1, num_classes=10).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    net = torch.compile(model, dynamic=False) if compiled else model
+    x = torch.randn(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y, label_smoothing=0.1).backward()
+        opt.step()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[128])
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--min-time", type=float, default=2.0)
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
+    p.add_argument("--profile", action="store_true", help="print where an eager step's time goes")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    cpu = torch.device("cpu")
+    out = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "fast_paths": fast_path_origin(), "command": " ".join(["python benchmarks/train_step.py", *sys.argv[1:]]),
+           "rows": {}}
+    print(f"{out['cpu']}, {out['threads']} threads, torch {out['torch']}; fast paths: {out['fast_paths']}")
+    for batch in args.batches:
+        variants = {"eager": step_fn(batch, False)}
+        compile_s = None
+        if args.compile:
+            variants["compiled"] = step_fn(batch, True)
+            start = time.perf_counter()
+            variants["compiled"]()
+            compile_s = time.perf_counter() - start
+        for fn in variants.values():
+            fn()
+            fn()
+        samples: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(args.pairs):
+            for name, fn in variants.items():
+                samples[name].append(batch / time_per_call(fn, cpu, args.min_time))
+        row = {name: {"images_per_s": statistics.median(v), "min": min(v), "max": max(v), "samples": v}
+               for name, v in samples.items()}
+        if compile_s is not None:
+            row["compiled"]["compile_s"] = compile_s
+            ratios = [c / e for e, c in zip(samples["eager"], samples["compiled"])]
+            row["compiled"]["speedup"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        out["rows"][str(batch)] = row
+        for name, r in row.items():
+            extra = f", {r['speedup']['median']:.2f}x eager, compile {r['compile_s']:.0f} s" if "speedup" in r else ""
+            print(f"batch {batch} {name}: {r['images_per_s']:.0f} images/s ({r['min']:.0f}-{r['max']:.0f}){extra}")
+        if args.profile:
+            fn = variants["eager"]
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    fn()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
