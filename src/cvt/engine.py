@@ -584,12 +584,17 @@ def _cvt_parts(model: nn.Module) -> list[CvT]:
     return [m for m in model.modules() if isinstance(m, CvT)]
 
 
+def _checkpointable(model: nn.Module) -> list[nn.Module]:
+    """What `grad_checkpointing` switches: the CvTs in `model`, else a timm classifier's own switch."""
+    return _cvt_parts(model) or ([model] if hasattr(model, "set_grad_checkpointing") else [])
+
+
 def _build(cfg: TrainConfig, task: Task, info: DistInfo, device: torch.device, state: dict[str, Any] | None,
            micro: int, wall_start: float) -> Run:
     """The task's model and data, then what trains them: optimizer, schedule, AMP, EMA."""
     seed_everything(cfg.seed)
     model = task.build(state=state, device=device, dist=info, micro_batch=micro)
-    for part in _cvt_parts(model):
+    for part in _checkpointable(model):
         part.set_grad_checkpointing(cfg.grad_checkpointing)
     steps = len(task.train) // cfg.accum_steps
     if cfg.steps_per_epoch:
@@ -657,8 +662,15 @@ def _wrap(run: Run) -> None:
     if t.dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        for part in _cvt_parts(t.model):
+        parts = _cvt_parts(t.model)
+        for part in parts:
             part.set_sync_batchnorm(cfg.sync_bn)
+        if cfg.sync_bn and not parts:  # another model's (a timm classifier's) torch BatchNorms
+            if t.device.type != "cuda":
+                raise ValueError("sync_bn: this model's BatchNorms are torch's, whose SyncBatchNorm runs on GPUs "
+                                 "only (CvT's run on any backend); drop sync_bn or train on CUDA")
+            # in place: the parameters and buffers stay those the optimizer and the checkpoint hold
+            t.model = nn.SyncBatchNorm.convert_sync_batchnorm(t.model)
         t.net = DistributedDataParallel(t.model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
     if cfg.compile:
         # Static shapes (every batch has the same size): a dynamic batch dimension is slower code, and crashed torch

@@ -43,8 +43,9 @@ class TrainConfig:
     # What the model learns (`cvt.tasks`): "classification". None: the data's (default_task above).
     task: str | None = None
     # A registered variant (`cvt zoo`). None: "cvt_tiny", or the architecture a --pretrained checkpoint describes.
+    # "timm:<name>": a timm model, the classifier (e.g. timm:resnet_cifar_small, cvt.models.baselines) or backbone.
     model: str | None = None
-    # CvTConfig fields to change, e.g. {drop_path_rate: 0.1, depths: [1, 2, 4]}.
+    # CvTConfig fields to change, e.g. {drop_path_rate: 0.1, depths: [1, 2, 4]}; a timm model's keyword arguments.
     model_args: dict[str, Any] = field(default_factory=dict)
     # Local weights in any format `cvt.read_checkpoint` reads; the head is re-initialised for the new classes.
     pretrained: str | None = None

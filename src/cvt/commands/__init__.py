@@ -4,11 +4,15 @@ from __future__ import annotations
 
 
 def load_classifier(checkpoint: str, device, verb: str):
-    """The model `cvt eval` and `cvt predict` run: any checkpoint format, on `device`, in eval mode; one with no
-    head, or an untrained one, is refused (`verb`: what there would be nothing to do)."""
+    """The model `cvt eval` and `cvt predict` run: any checkpoint format, or a timm classifier's run, on `device`, in
+    eval mode; one with no head, or an untrained one, is refused (`verb`: what there would be nothing to do)."""
     from ..registry import from_pretrained
+    from ..tasks.classification import load_timm_classifier
 
-    model = from_pretrained(checkpoint).to(device).eval()
+    model = load_timm_classifier(checkpoint)
+    if model is None:
+        model = from_pretrained(checkpoint)
+    model = model.to(device).eval()
     if model.num_classes == 0:
         raise ValueError(f"{checkpoint} has no classifier head: nothing to {verb}")
     if model.fresh_classifier:

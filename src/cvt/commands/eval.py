@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import BatchTransform, build_data, data_info, preprocess_for
     from ..engine import amp_dtype, pick_device
     from ..plots import plot_confusion
-    from ..tasks.classification import evaluate
+    from ..tasks.classification import evaluate, input_channels
     from ..utils import atomic_write
     from . import dense_task, load_classifier
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     args.data = args.data or "fashion-mnist"
     model = load_classifier(args.checkpoint, device, "evaluate")
     _, native = data_info(args.data)
-    pre = preprocess_for(args.checkpoint, model.cfg.in_chans, args.img_size, native or 224)
+    pre = preprocess_for(args.checkpoint, input_channels(model), args.img_size, native or 224)
     names = model.class_names
     if names is not None and len(names) != model.num_classes:
         names = None

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import BatchTransform, file_transform, open_image, preprocess_for
     from ..engine import pick_device
-    from ..tasks.classification import log_probs
+    from ..model import CvT
+    from ..tasks.classification import input_channels, log_probs
     from . import dense_task, load_classifier
 
     if args.top_k < 1 or args.batch_size < 1:
@@ -84,9 +85,12 @@ def run(args: argparse.Namespace) -> int:
     if onnx:
         import onnxruntime  # noqa: F401 - missing, it fails here, before any loading, with cli.py's pip hint
     model = load_classifier(args.checkpoint, device, "predict")
+    if onnx and not isinstance(model, CvT):
+        raise ValueError("--backend onnxruntime runs CvT classifiers only (cvt.export); predict with this timm model "
+                         "with --backend torch")
     names = model.class_names if model.class_names and len(model.class_names) == model.num_classes else None
     names = names or [str(i) for i in range(model.num_classes)]
-    pre = preprocess_for(args.checkpoint, model.cfg.in_chans, args.img_size, 224)
+    pre = preprocess_for(args.checkpoint, input_channels(model), args.img_size, 224)
     to_tensor, to_model = file_transform(pre, train=False), BatchTransform(pre)
     k = min(args.top_k, model.num_classes)
     forward = onnx_forward(model, pre.img_size) if onnx else model

@@ -20,7 +20,8 @@ FLAGS: list[tuple[str, str, Any, str]] = [
      "fashion-mnist (default) or imagefolder:PATH with PATH/train/<class>/*, PATH/val/<class>/*"),
     ("--data-dir", "data_dir", str,
      "folder of the four Fashion-MNIST .gz files (default: /usr/share/datasets/fashion-mnist)"),
-    ("--model", "model", str, "a model from `cvt zoo` (default cvt_tiny, or the --pretrained checkpoint's)"),
+    ("--model", "model", str, "a model from `cvt zoo` (default cvt_tiny, or the --pretrained checkpoint's), or "
+     "timm:NAME for a timm classifier (model_args: its keyword arguments)"),
     ("--pretrained", "pretrained", str,
      "start from these weights (authors' .pth, Hugging Face folder, cvt .safetensors)"),
     ("--epochs", "epochs", int, "epochs to train"),

@@ -1,12 +1,19 @@
 """Image classification: the first task. Batches are `(uint8 images, labels, unreadable files)` from cvt.data; the
 loss is cross-entropy (soft-target with mixup/cutmix); evaluation is top-1, top-5, loss and the confusion matrix;
-best weights are the highest `val_top1`."""
+best weights are the highest `val_top1`.
+
+The model is a CvT (`--model cvt_tiny`, any `cvt zoo` name, or a `--pretrained` checkpoint's), or any timm classifier
+(`--model timm:<name>`, e.g. cvt's baselines `timm:resnet_cifar_small`), built with `timm.create_model` for the
+data's classes and channels with `model_args` as its keyword arguments, and saved as its weights plus a config.json
+that rebuilds it (format "cvt-timm-classifier"), which `cvt eval` and `cvt predict` load."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +27,8 @@ from torch import nn
 from ..config import CvTConfig
 from ..data import BatchTransform, Preprocess, build_data, data_info, parse_data, set_epoch
 from ..model import CvT
-from ..weights import save_weights
+from ..utils import atomic_write
+from ..weights import load_safetensors_into, save_weights, weights_in_folder
 from . import register_task
 from .base import DistInfo, Evaluation, Task, autocast
 
@@ -39,6 +47,9 @@ def resolve_img_size(cfg: TrainConfig, model_name: str | None) -> int:
     _, native = data_info(cfg.data)
     if native:
         return native
+    if timm_name(model_name) is not None:
+        pretrained_cfg = _timm_pretrained_cfg(timm_name(model_name))
+        return pretrained_cfg.input_size[-1] if pretrained_cfg is not None else 224
     from ..registry import get_variant
 
     return get_variant(model_name).input_size if model_name else 224
@@ -59,6 +70,117 @@ def build_model(cfg: TrainConfig, state: dict[str, Any] | None) -> CvT:
         return from_pretrained(cfg.pretrained, **args)
     args.setdefault("in_chans", data_info(cfg.data)[0])
     return create_model(cfg.model or "cvt_tiny", **args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm classifiers (`--model timm:<name>`)
+# ---------------------------------------------------------------------------------------------------------------
+TIMM_PREFIX = "timm:"  # as detection and segmentation spell a timm backbone
+TIMM_FORMAT = "cvt-timm-classifier"  # config.json's "format" beside a timm classifier's model.safetensors
+
+
+def timm_name(model: str | None) -> str | None:
+    """The timm model that `model` ("timm:<name>") names; None for a CvT."""
+    return model[len(TIMM_PREFIX):] if model and model.startswith(TIMM_PREFIX) else None
+
+
+def check_timm_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join('timm:' + c for c in close)}?" if close else " (see timm.list_models())"
+        raise ValueError(f"--model timm:{name}: timm has no model {name!r}{hint}")
+
+
+def _timm_pretrained_cfg(name: str):
+    from timm.models import get_pretrained_cfg
+
+    try:
+        return get_pretrained_cfg(name)
+    except RuntimeError as e:  # a pretrained tag the architecture does not have
+        raise ValueError(f"--model timm:{name}: {e}") from None
+
+
+def timm_model_args(name: str, model_args: dict[str, Any], img_size: int) -> dict[str, Any]:
+    """`model_args` with the training side as `img_size` where the model's input size is fixed (a ViT's position
+    embedding): timm's own rule, its pretrained cfg's `fixed_input_size`. Other models (a ResNet) take no such
+    argument."""
+    args = dict(model_args)
+    pretrained_cfg = _timm_pretrained_cfg(name)
+    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        args.setdefault("img_size", img_size)
+    return args
+
+
+def build_timm_classifier(name: str, *, num_classes: int, in_chans: int, pretrained: str | os.PathLike | None = None,
+                          **model_args: Any) -> nn.Module:
+    """`timm.create_model(name, num_classes=..., in_chans=..., **model_args)`, from scratch, or from `pretrained` (a
+    file timm's loader reads, or a folder holding model.safetensors) through timm's pretrained_cfg overlay, as
+    detection's timm backbones are loaded (timm drops a head of another class count and adapts the first
+    convolution to `in_chans`)."""
+    import timm
+
+    extra: dict[str, Any] = {}
+    if pretrained:
+        path = Path(pretrained).expanduser()
+        if not path.exists():
+            raise ValueError(f"--pretrained {path} does not exist")
+        file = weights_in_folder(path) if path.is_dir() else path
+        extra = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()}  # (YAML has no tuples)
+    try:
+        return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **args, **extra)
+    except TypeError as e:  # an argument the model does not take
+        raise ValueError(f"timm model {name!r}: {e} (model_args are its keyword arguments)") from None
+    except RuntimeError as e:
+        if not pretrained:
+            raise
+        # weights that do not fit: torch's message lists every key on many lines
+        raise ValueError(f"cannot load {pretrained} into timm model {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def save_timm_classifier(model: nn.Module, record: dict[str, Any], class_names: list[str], folder: Path) -> Path:
+    """`folder/model.safetensors` and the config.json that rebuilds the model (`record`: `timm_model`,
+    `model_args`, `num_classes`, `in_chans`), with the class names."""
+    from safetensors.torch import save_file
+
+    config = {"format": TIMM_FORMAT, "task": "classification", **record, "class_names": list(class_names),
+              "weights": "model.safetensors"}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    dst = folder / "model.safetensors"
+    atomic_write(dst, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "config": json.dumps(config)}))
+    atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    return dst
+
+
+def load_timm_classifier(checkpoint: str | os.PathLike) -> nn.Module | None:
+    """The timm classifier a run saved (RUN, RUN/best or the model.safetensors in one), in eval mode, with its
+    `class_names` and `in_chans`; None when the config.json there does not describe one (a CvT's, or none)."""
+    path = Path(checkpoint).expanduser()
+    folder = path if path.is_dir() else path.parent
+    if path.is_file() and path.suffix != ".safetensors":
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("format") != TIMM_FORMAT:
+        return None
+    try:
+        name, num_classes, in_chans = config["timm_model"], config["num_classes"], config["in_chans"]
+        model = build_timm_classifier(name, num_classes=num_classes, in_chans=in_chans, **config["model_args"])
+    except KeyError as e:
+        raise ValueError(f"{folder / 'config.json'} lacks the entry {e}") from None
+    load_safetensors_into(model, path if path.is_file() else folder / config.get("weights", "model.safetensors"),
+                          "its config.json")
+    model.class_names, model.in_chans, model.fresh_classifier = config.get("class_names"), in_chans, False
+    return model.eval()
+
+
+def input_channels(model: nn.Module) -> int:
+    """The image channels a classifier takes: a CvT's config says; a timm model (`load_timm_classifier`'s) its own."""
+    return model.cfg.in_chans if isinstance(model, CvT) else model.in_chans
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,6 +280,8 @@ class Classification(Task):
     def check(self, micro_batch: int) -> None:
         cfg = self.cfg
         parse_data(cfg.data)  # a bad --data is an error before anything is built
+        if timm_name(cfg.model) is not None:
+            check_timm_name(timm_name(cfg.model))
         if (cfg.mixup > 0 or cfg.cutmix > 0) and micro_batch % 2:
             raise ValueError(f"mixup/cutmix mix pairs: each process's batch ({micro_batch}) must be even")
 
@@ -165,9 +289,13 @@ class Classification(Task):
     def build(self, *, state: dict[str, Any] | None, device: torch.device, dist: DistInfo,
               micro_batch: int) -> nn.Module:
         cfg = self.cfg
-        model = build_model(cfg, state).to(device)
-        model_name = cfg.model or ("cvt_tiny" if not cfg.pretrained else None)
-        pre = Preprocess.default_for(model.cfg.in_chans, resolve_img_size(cfg, model_name))
+        self.timm: dict[str, Any] | None = None  # what rebuilds a timm classifier (`_build_timm`); None for a CvT
+        if timm_name(cfg.model) is None:
+            model = build_model(cfg, state).to(device)
+            in_chans, model_name = model.cfg.in_chans, cfg.model or ("cvt_tiny" if not cfg.pretrained else None)
+        else:  # built below, once the data says how many classes
+            model, in_chans, model_name = None, data_info(cfg.data)[0], cfg.model
+        pre = Preprocess.default_for(in_chans, resolve_img_size(cfg, model_name))
         # In-memory data (Fashion-MNIST) is trained and evaluated on whole images, resized: record no crop, so that
         # `cvt predict` on an image file sees it the same way.
         crop_pct = 1.0 if data_info(cfg.data)[1] else cfg.crop_pct
@@ -181,6 +309,8 @@ class Classification(Task):
             classes=state["classes"] if state is not None else None,
         )
         self.train, self.val, self.classes = self.data.train, self.data.val, self.data.classes
+        if model is None:
+            model = self._build_timm(state).to(device)
         if model.num_classes != len(self.classes):
             if state is not None:
                 raise ValueError(f"the checkpoint has {model.num_classes} classes, the data {len(self.classes)}")
@@ -188,6 +318,23 @@ class Classification(Task):
                 log.info("new %d-class head (the checkpoint had %d classes)", len(self.classes), model.num_classes)
             model.reset_classifier(len(self.classes))
         self._build_step()
+        return model
+
+    def _build_timm(self, state: dict[str, Any] | None) -> nn.Module:
+        """The timm classifier for the data's classes and channels at the training side (a resumed run's: the one it
+        recorded, with its weights)."""
+        cfg = self.cfg
+        if state is not None:
+            self.timm = state["timm_config"]
+        else:
+            name = timm_name(cfg.model)
+            self.timm = {"timm_model": name, "model_args": timm_model_args(name, cfg.model_args, self.pre.img_size),
+                         "num_classes": len(self.classes), "in_chans": self.pre.in_chans}
+        rec = self.timm
+        model = build_timm_classifier(rec["timm_model"], num_classes=rec["num_classes"], in_chans=rec["in_chans"],
+                                      pretrained=cfg.pretrained if state is None else None, **rec["model_args"])
+        if state is not None:
+            model.load_state_dict(state["model"])
         return model
 
     def _build_step(self) -> None:
@@ -264,9 +411,13 @@ class Classification(Task):
 
     # ---- what the run folder and the checkpoint carry -------------------------------------------------------
     def state(self, model: nn.Module) -> dict[str, Any]:
-        return {"model_config": model.cfg.to_dict(), "classes": self.classes, "preprocess": self.pre.to_dict()}
+        arch = {"timm_config": self.timm} if self.timm is not None else {"model_config": model.cfg.to_dict()}
+        return {**arch, "classes": self.classes, "preprocess": self.pre.to_dict()}
 
     def save_weights(self, model: nn.Module, folder: Path) -> None:
+        if self.timm is not None:
+            save_timm_classifier(model, self.timm, self.classes, folder)
+            return
         save_weights(model.state_dict(), model.cfg, folder / "model.safetensors", class_names=self.classes)
 
     def files(self) -> dict[str, str]:
