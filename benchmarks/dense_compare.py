@@ -47,7 +47,7 @@ TASKS = {
     ),
     "segmentation": dict(
         data="seg:{scenes}",
-        args=["--set", "head=upernet", "--img-size", "128", "--batch-size", "16", "--epochs", "6",
+        args=["--set", "head=upernet", "--img-size", "128", "--batch-size", "16", "--epochs", "5",
               "--set", "steps_per_epoch=125", "--lr", "1e-3",
               "--warmup-epochs", "0.5", "--clip-grad", "5"],
         score="val_miou",

@@ -700,10 +700,12 @@ def _open_run_dir(run: Run, *, fresh: bool, cleanup: contextlib.ExitStack) -> No
     if run.writer is not None:
         cleanup.callback(run.writer.close)
     log.info(
-        "training %s (%s parameters) on %s: %s, %d epochs x %d steps of %d images, %s%s%s",
-        _model_name(cfg), f"{param_count(t.model):,}", cfg.data, run.task.describe(), cfg.epochs,
-        run.steps_per_epoch, cfg.batch_size, t.device, f", {t.dist.world} processes" if t.dist.enabled else "",
+        "training %s (%s parameters) on %s: %s, %s%d epochs x %d steps of %d images, %s%s%s%s",
+        _model_name(cfg), f"{param_count(t.model):,}", cfg.data, run.task.describe(),
+        "at most " if run.budget is not None else "", cfg.epochs, run.steps_per_epoch, cfg.batch_size, t.device,
+        f", {t.dist.world} processes" if t.dist.enabled else "",
         f", amp {t.dtype}".replace("torch.", "") if t.dtype else "",
+        f", within {run.budget.budget_s:.0f} s (--time-budget)" if run.budget is not None else "",
     )
 
 
@@ -839,7 +841,7 @@ def _record_epoch(run: Run, row: dict[str, Any]) -> None:
     if not run.trainer.dist.main:
         return
     _append_line(run.out / "metrics.jsonl", row)
-    _log_epoch(run.writer, row, run.cfg.epochs, run.task)
+    _log_epoch(run.writer, row, run.epochs, run.task)
     run.task.save_weights(run.eval_model, run.out)
     if _improves(run.task, row, best):
         # timm's model_best, as a folder that loads like the run's own (config and task files beside the weights);
