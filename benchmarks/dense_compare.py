@@ -30,8 +30,12 @@ from harness import machine_info
 # A CvT-13 cut to the scale of 100 px scenes: the three stages at strides 4/8/16 that make the P2-P6 pyramid,
 # narrower and shallower (CvT-13 is 64/192/384 wide, 1/2/10 deep).
 SMALL_CVT = "{embed_dims: [32, 96, 192], depths: [1, 1, 2], num_heads: [1, 2, 3]}"
+# Stage 3 at CvT-13's width and twice its small depth: the stride-16 stage, where tokens are few, holds the extra
+# parameters (still fewer than ResNet-18's), so a step costs little more than the small one's.
+WIDE_CVT = "{embed_dims: [32, 96, 384], depths: [1, 1, 4], num_heads: [1, 2, 6]}"
 BACKBONES = {
     "cvt": ["--model", "cvt_13", "--set", f"model_args={SMALL_CVT}"],
+    "cvt_wide": ["--model", "cvt_13", "--set", f"model_args={WIDE_CVT}"],
     "resnet18": ["--model", "timm:resnet18"],
 }
 # One recipe a task, the same for both backbones; sized so that ResNet-18 (the slower of the two here) trains in
@@ -69,10 +73,11 @@ def backbone_params(backbone: str) -> int:
 
     import cvt
 
-    if backbone == "cvt":
+    if backbone.startswith("cvt"):
         import yaml
 
-        model = cvt.create_model("cvt_13", features_only=True, **yaml.safe_load(SMALL_CVT))
+        args = yaml.safe_load(SMALL_CVT if backbone == "cvt" else WIDE_CVT)
+        model = cvt.create_model("cvt_13", features_only=True, **args)
     else:
         model = timm.create_model("resnet18", features_only=True, pretrained=False)
     return sum(p.numel() for p in model.parameters())
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=Path, default=Path("data/scenes"), help="`cvt data scenes` output")
     p.add_argument("--runs", type=Path, default=Path("runs/dense_compare"), help="folder of the run folders")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--backbones", nargs="+", default=["cvt", "resnet18"], choices=list(BACKBONES))
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/issue22/dense_compare.json"))
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the JSON's table as Markdown, run nothing")
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results.setdefault("runs", {})
     for task in args.tasks:
-        for backbone in BACKBONES:
+        for backbone in args.backbones:
             out = args.runs / f"{task}_{backbone}"
             summary = out / "summary.json"
             if not summary.exists():
