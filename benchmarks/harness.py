@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import contestants
+from cvt.layers.config import cpu_model
 from cvt.recipe import COMPILE_MODES
 
 HERE = Path(__file__).resolve().parent
@@ -199,15 +200,6 @@ def speedup(a: list[float], b: list[float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------
 # Machine description
 # ---------------------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # Environment variables that change how memory is allocated, inherited by the memory workers. CPU tensors have no

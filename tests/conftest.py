@@ -4,7 +4,9 @@ The constants are imported by the test modules (`from conftest import TINY`); py
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import signal
 import struct
 import sys
 from pathlib import Path
@@ -31,6 +33,26 @@ def make_image(rng: np.random.Generator, cls: int, size=(36, 40)) -> np.ndarray:
     arr = rng.integers(0, 80, (*size, 3), dtype=np.uint8)
     arr[..., cls] = 220  # each class its own dominant colour: learnable in a few steps
     return arr
+
+
+@contextlib.contextmanager
+def sigterm_at(epoch: int, step: int):
+    """Inside the block, a training run sends itself SIGTERM after optimizer step `step` of (0-based) `epoch`, as
+    Ctrl-C or a cluster scheduler would; the progress hook is restored on exit."""
+    from cvt import engine
+
+    real_update = engine._Progress.update
+
+    def stop_at(self, at, loss, lr):
+        real_update(self, at, loss, lr)
+        if self.epoch == epoch and at == step:
+            signal.raise_signal(signal.SIGTERM)
+
+    engine._Progress.update = stop_at
+    try:
+        yield
+    finally:
+        engine._Progress.update = real_update
 
 
 @pytest.fixture(autouse=True)

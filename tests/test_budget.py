@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, sigterm_at
 from cvt import budget as B
 from cvt import engine
 from cvt.cli import main
@@ -122,21 +122,13 @@ def test_a_budget_the_recipe_fits_in_changes_nothing(tmp_path, fake_fmnist, fake
     assert summary["time_budget"]["trained_steps"] == 32 and summary["epochs"] == 2
 
 
-def test_budgeted_run_resumes_its_fitted_schedule(tmp_path, fake_fmnist, fake_clock, monkeypatch):
+def test_budgeted_run_resumes_its_fitted_schedule(tmp_path, fake_fmnist, fake_clock):
     extra = ("--time-budget", "30s")
     rc, straight = _train(tmp_path, fake_fmnist, *extra, out="straight")
     assert rc == 0
-    real_update = engine._Progress.update
-
-    def stop_at(self, step, loss, lr):
-        real_update(self, step, loss, lr)
-        if self.epoch == 1 and step == 4:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(engine._Progress, "update", stop_at)
-    rc, resumed = _train(tmp_path, fake_fmnist, *extra, out="resumed")
+    with sigterm_at(epoch=1, step=4):
+        rc, resumed = _train(tmp_path, fake_fmnist, *extra, out="resumed")
     assert rc == 128 + signal.SIGTERM
-    monkeypatch.setattr(engine._Progress, "update", real_update)
     assert main(["train", "--out", str(resumed), "--resume"]) == 0
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(resumed / "checkpoint.pt", weights_only=True)

@@ -16,6 +16,7 @@ from PIL import Image
 
 import cvt
 import cvt.data
+from conftest import sigterm_at
 from cvt.cli import main
 from cvt.tasks.classification import load_timm_classifier, timm_model_args
 
@@ -92,27 +93,17 @@ def test_eval_and_predict_a_timm_run(trained, fake_fmnist, tmp_path, capsys):
     assert [p["probability"] for p in got] == pytest.approx(top.values.tolist(), abs=2e-6)
 
 
-def test_resume_of_a_timm_classifier_matches_uninterrupted(tmp_path, fake_fmnist, monkeypatch):
+def test_resume_of_a_timm_classifier_matches_uninterrupted(tmp_path, fake_fmnist):
     """SIGTERM mid-epoch, then --resume: the same weights (and EMA) as a run never stopped."""
     extra = ["--epochs", "2", "--ema-decay", "0.9", "--set", "mixup=0.8", "--set", "cutmix=1.0",
              "--set", "shift=2", "--set", "reprob=0.25"]
     rc, straight = _train(tmp_path, fake_fmnist, *extra, out="straight")
     assert rc == 0
 
-    from cvt import engine
-
-    real_update = engine._Progress.update
-
-    def stop_at(self, step, loss, lr):
-        real_update(self, step, loss, lr)
-        if self.epoch == 1 and step == 2:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(engine._Progress, "update", stop_at)
-    rc, resumed = _train(tmp_path, fake_fmnist, *extra, out="resumed")
+    with sigterm_at(epoch=1, step=2):
+        rc, resumed = _train(tmp_path, fake_fmnist, *extra, out="resumed")
     assert rc == 128 + signal.SIGTERM
     assert torch.load(f"{resumed}/checkpoint.pt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(engine._Progress, "update", real_update)
     assert main(["train", "--out", resumed, "--resume"]) == 0
 
     a = torch.load(f"{straight}/checkpoint.pt", weights_only=True)

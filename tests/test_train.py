@@ -18,7 +18,7 @@ import torch
 
 import cvt
 import cvt.data  # cvt.data.* below; `import cvt` alone does not load it
-from conftest import CLASSES, TINY, TINY_ARGS
+from conftest import CLASSES, TINY, TINY_ARGS, sigterm_at
 from cvt.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,7 +158,7 @@ def test_eval_and_predict_with_hflip_tta(trained, folder, capsys):
     assert got == pytest.approx({i: round(expected[i].item(), 6) for i in range(3)}, abs=2e-6)
 
 
-def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypatch):
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder):
     """SIGTERM mid-epoch writes a checkpoint; --resume then ends with exactly the weights of a run that was
     never stopped (data order, RandAugment, mixup, random erasing, EMA, optimizer, schedule all restored)."""
     extra = ["--epochs", "2", "--ema-decay", "0.9", "--set", "mixup=0.8", "--set", "cutmix=1.0",
@@ -166,21 +166,11 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, folder, monkeypa
     rc, straight = _train(tmp_path, folder, *extra, out="straight")
     assert rc == 0
 
-    from cvt import engine
-
-    real_update = engine._Progress.update
-
-    def stop_at(self, step, loss, lr):  # the user presses Ctrl-C / the scheduler sends SIGTERM
-        real_update(self, step, loss, lr)
-        if self.epoch == 1 and step == 2:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(engine._Progress, "update", stop_at)
-    rc, resumed = _train(tmp_path, folder, *extra, out="resumed")
+    with sigterm_at(epoch=1, step=2):  # the user presses Ctrl-C / the scheduler sends SIGTERM
+        rc, resumed = _train(tmp_path, folder, *extra, out="resumed")
     assert rc == 128 + signal.SIGTERM
     state = torch.load(f"{resumed}/checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 2)
-    monkeypatch.setattr(engine._Progress, "update", real_update)
     assert main(["train", "--out", resumed, "--resume"]) == 0
     assert torch.load(f"{resumed}/checkpoint.pt", weights_only=True)["config"]["ema_warmup"] is False
 

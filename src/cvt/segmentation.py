@@ -253,17 +253,11 @@ CONFIG_FORMAT = "cvt-segmentation"
 def save_segmenter(model: Segmenter, folder: Path, extra: dict[str, Any] | None = None) -> Path:
     """`folder/model.safetensors` and `folder/config.json`, which describes the whole model (task, decoder, backbone,
     classes and `extra`: input size, normalisation), so that `load_segmenter(folder)` needs nothing else."""
-    from safetensors.torch import save_file
-
-    from .utils import atomic_write
+    from .weights import save_described
 
     config = {"format": CONFIG_FORMAT, "task": "segmentation", **model.config(), **(extra or {}),
               "weights": "model.safetensors"}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    dst = folder / "model.safetensors"
-    atomic_write(dst, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "config": json.dumps(config)}))
-    atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
-    return dst
+    return save_described(model, config, folder)
 
 
 def load_segmenter(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Segmenter, dict]:

@@ -89,6 +89,13 @@ def write_text(path: Path, text: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Seeds
 # ---------------------------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """cvt's folder for what it keeps between runs (exported ONNX files, `cvt tune`'s choice):
+    $XDG_CACHE_HOME/cvt, else ~/.cache/cvt."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "cvt"
+
+
 def mix_seed(*values: int) -> int:
     """A deterministic 63-bit seed from integers (Python's hash() of tuples is not stable across versions)."""
     h = 0x9E3779B97F4A7C15

@@ -441,6 +441,19 @@ def load_into(model: nn.Module, ckpt: Checkpoint, *, backbone: bool = False) -> 
     model.load_state_dict(fit_state_dict(model, ckpt.state_dict, ckpt.path, backbone=backbone), strict=True)
 
 
+def save_described(model: nn.Module, config: dict[str, Any], folder: Path) -> Path:
+    """`folder/model.safetensors` with `config` in its metadata, and `folder/config.json` (= `config`): a model
+    that is no bare CvT (a timm classifier, a segmenter) saved so that its loader needs nothing else. Both files are
+    written atomically; returns the weights' path."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    dst = folder / "model.safetensors"
+    atomic_write(dst, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "config": json.dumps(config)}))
+    atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    return dst
+
+
 def load_safetensors_into(model: nn.Module, weights: Path, described_by: str) -> None:
     """Load the safetensors file `weights` into `model`, every key matching (a dense run's detector or segmenter,
     which `described_by` names in the message); one clear line for a file that cannot be read or does not fit."""

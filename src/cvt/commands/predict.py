@@ -139,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
 
 def onnx_cache_dir() -> Path:
     """Where exported models are kept between runs: $XDG_CACHE_HOME/cvt/onnx, else ~/.cache/cvt/onnx."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "cvt" / "onnx"
+    from ..utils import cache_dir
+
+    return cache_dir() / "onnx"
 
 
 def onnx_cache_key(model, img_size: int) -> str:

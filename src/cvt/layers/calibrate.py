@@ -10,7 +10,6 @@ torch version and the ISA PyTorch dispatches to, and applied at `import cvt` on 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -19,8 +18,9 @@ from typing import Any
 
 
 def cache_path() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "cvt" / "fast_paths.json"
+    from ..utils import cache_dir
+
+    return cache_dir() / "fast_paths.json"
 
 
 def machine_key() -> str:

@@ -27,8 +27,7 @@ from torch import nn
 from ..config import CvTConfig
 from ..data import BatchTransform, Preprocess, build_data, data_info, parse_data, set_epoch
 from ..model import CvT
-from ..utils import atomic_write
-from ..weights import load_safetensors_into, save_weights, weights_in_folder
+from ..weights import load_safetensors_into, save_described, save_weights, weights_in_folder
 from . import register_task
 from .base import DistInfo, Evaluation, Task, autocast
 
@@ -143,15 +142,9 @@ def build_timm_classifier(name: str, *, num_classes: int, in_chans: int, pretrai
 def save_timm_classifier(model: nn.Module, record: dict[str, Any], class_names: list[str], folder: Path) -> Path:
     """`folder/model.safetensors` and the config.json that rebuilds the model (`record`: `timm_model`,
     `model_args`, `num_classes`, `in_chans`), with the class names."""
-    from safetensors.torch import save_file
-
     config = {"format": TIMM_FORMAT, "task": "classification", **record, "class_names": list(class_names),
               "weights": "model.safetensors"}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    dst = folder / "model.safetensors"
-    atomic_write(dst, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "config": json.dumps(config)}))
-    atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
-    return dst
+    return save_described(model, config, folder)
 
 
 def load_timm_classifier(checkpoint: str | os.PathLike) -> nn.Module | None:
