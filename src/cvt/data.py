@@ -490,6 +490,31 @@ def default_workers(device: torch.device, local_world: int = 1) -> int:
     return min(8, share) if device.type == "cuda" else max(1, share // 2)
 
 
+SPLIT_SEED = 20260  # fixes the held-out and subset images, whatever the run's seed
+
+
+def split_training(labels: Sequence[int], holdout: int = 0, fraction: float = 1.0) -> tuple[list[int], list[int]]:
+    """Indices (training, held out) of a training set with these labels: `holdout` images held out and `fraction`
+    of the rest kept, both class-balanced (each class in proportion to its share, rounded, at least one image of
+    every class that has one) and fixed by `SPLIT_SEED` alone, so that every seed and model sees the same images
+    and a smaller fraction's images lie inside a larger one's."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = len(labels)
+    if not 0 <= holdout < n:
+        raise ValueError(f"holdout {holdout} must leave training images: the training split has {n}")
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    order = torch.randperm(n, generator=g)
+    train, held = [], []
+    for c in labels.unique().tolist():
+        members = order[labels[order] == c].tolist()  # this class's images in the fixed random order
+        n_held = round(holdout * len(members) / n)
+        rest = members[n_held:]
+        n_keep = max(1, round(fraction * len(rest))) if rest else 0
+        held += members[:n_held]
+        train += rest[:n_keep]
+    return sorted(train), sorted(held)
+
+
 def build_data(
     spec: str,
     pre: Preprocess,
@@ -508,24 +533,34 @@ def build_data(
     crop_scale: tuple[float, float] = (0.08, 1.0),
     hflip: float = 0.5,
     classes: Sequence[str] | None = None,
+    holdout: int = 0,
+    train_fraction: float = 1.0,
 ) -> DataBundle:
     """Loaders of uint8 batches: the training split (when `train`) sharded over `world` processes, and the
-    validation split (Fashion-MNIST's 10,000 test images, or PATH/val). `batch_size` is per process.
-    `classes` (a checkpoint's class names) fixes the label order; an image folder's val split may hold a subset."""
+    validation split (Fashion-MNIST's 10,000 test images, or PATH/val; with `holdout`, that many training images,
+    `split_training`'s). `batch_size` is per process. `classes` (a checkpoint's class names) fixes the label
+    order; an image folder's val split may hold a subset."""
     kind, root = parse_data(spec)
     pin = device.type == "cuda"
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if kind == "fashion-mnist":
         workers = 0 if num_workers is None else num_workers  # indexing a tensor needs no workers
-        val_ds = TensorImages(*load_fashion_mnist("test", data_dir))
+        if holdout or train_fraction != 1:
+            images, labels = load_fashion_mnist("train", data_dir)
+            keep, held = split_training(labels, holdout, train_fraction)
+            train_ds = TensorImages(images[keep], labels[keep])
+            val_ds = TensorImages(images[held], labels[held]) if holdout else TensorImages(
+                *load_fashion_mnist("test", data_dir))
+        else:
+            train_ds = TensorImages(*load_fashion_mnist("train", data_dir)) if train else None
+            val_ds = TensorImages(*load_fashion_mnist("test", data_dir))
         if classes is not None and list(classes) != FASHION_MNIST_CLASSES:
             raise ValueError(f"the checkpoint's classes {list(classes)[:4]}... are not Fashion-MNIST's")
         init = ignore_stop_signals if workers else None
         val = DataLoader(val_ds, sampler=ShardBatches(len(val_ds), eval_batch_size, rank, world), batch_size=None,
                          num_workers=workers, pin_memory=pin, worker_init_fn=init)
-        train_loader = batches = train_ds = None
+        train_loader = batches = None
         if train:
-            train_ds = TensorImages(*load_fashion_mnist("train", data_dir))
             batches = EpochBatches(len(train_ds), batch_size, rank, world, seed)
             train_loader = DataLoader(train_ds, sampler=batches, batch_size=None, num_workers=workers, pin_memory=pin,
                                       worker_init_fn=init)
@@ -540,8 +575,13 @@ def build_data(
     from_checkpoint = classes is not None and not train
     if classes is None:
         classes = class_folders(root, "train" if (Path(root) / "train").is_dir() else "val")
-    val_samples, _ = scan_image_folder(root, "val", list(classes),
-                                       "the checkpoint" if from_checkpoint else "the train split")
+    if train and (holdout or train_fraction != 1):
+        keep, held = split_training([label for _, label in train_samples], holdout, train_fraction)
+        val_samples = [train_samples[i] for i in held]
+        train_samples = [train_samples[i] for i in keep]
+    if not (train and holdout):
+        val_samples, _ = scan_image_folder(root, "val", list(classes),
+                                           "the checkpoint" if from_checkpoint else "the train split")
     common = dict(num_workers=workers, pin_memory=pin, collate_fn=collate_skipping,
                   worker_init_fn=ignore_stop_signals if workers else None)
     val_ds = ImageFiles(val_samples, pre.in_chans, file_transform(pre, train=False))

@@ -87,6 +87,15 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: no EMA; else the EMA weights are evaluated and saved
     ema_warmup: bool = False  # decay min(ema_decay, 1 - step^-2/3) (timm's warm-up): early averages forget faster
 
+    # ---- data split (classification) ------------------------------------------------------------------------
+    # Hold this many training images out (the same class-balanced ones for every seed and model) as the
+    # validation split, so that choices never see the test set; it is then left to `cvt eval`. 0: validate on
+    # the test split (Fashion-MNIST) or PATH/val.
+    holdout: int = 0
+    # Train on this fraction of the (remaining) training images: a class-balanced subset, the same for every seed
+    # and model, each smaller fraction's images inside every larger one's.
+    train_fraction: float = 1.0
+
     # ---- augmentation ---------------------------------------------------------------------------------------
     mixup: float = 0.0  # Beta(alpha, alpha) of Mixup; 0 off
     cutmix: float = 0.0  # Beta(alpha, alpha) of CutMix; 0 off
@@ -196,6 +205,10 @@ class TrainConfig:
              and all(is_num(v) for v in self.crop_scale)
              and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", "two numbers 0 < lo <= hi <= 1")
         need(is_int(self.shift) and self.shift >= 0, "shift", "an integer >= 0")
+        need(is_int(self.holdout) and self.holdout >= 0, "holdout", "an integer >= 0 (0: none)")
+        need(is_num(self.train_fraction) and 0 < self.train_fraction <= 1, "train_fraction", "in (0, 1]")
+        if self.task != "classification" and (self.holdout or self.train_fraction != 1):
+            raise ValueError(f"holdout and train_fraction split a classification training set, not {self.task}'s")
         need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}")
         need(self.device is None or isinstance(self.device, str), "device", "cpu, cuda or cuda:N")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")

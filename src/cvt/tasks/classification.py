@@ -297,7 +297,7 @@ class Classification(Task):
             cfg.data, self.pre, data_dir=cfg.data_dir, batch_size=micro_batch,
             eval_batch_size=max(256, micro_batch), num_workers=cfg.num_workers, device=device, rank=dist.rank,
             world=dist.world, seed=cfg.seed, randaugment=cfg.randaugment, color_jitter=cfg.color_jitter,
-            crop_scale=cfg.crop_scale, hflip=cfg.hflip,
+            crop_scale=cfg.crop_scale, hflip=cfg.hflip, holdout=cfg.holdout, train_fraction=cfg.train_fraction,
             # a resumed run keeps its labels: renamed or added class folders are an error, not a silent relabelling
             classes=state["classes"] if state is not None else None,
         )
@@ -385,14 +385,16 @@ class Classification(Task):
         return {
             "img_size": self.pre.img_size, "classes": len(self.classes),
             "final_top1": round(r.top1, 3), "final_top5": round(r.top5, 3), "final_loss": round(r.loss, 5),
-            "val_images": r.count, "per_class_top1": {c: round(a, 2) for c, a in zip(self.classes, r.per_class)},
+            "val_images": r.count, "val_split": "held out of train" if self.cfg.holdout else "test",
+            "train_images": len(self.data.train_dataset),
+            "per_class_top1": {c: round(a, 2) for c, a in zip(self.classes, r.per_class)},
         }
 
     @classmethod
     def headline(cls, summary: dict[str, Any]) -> str:
         best = cls.best_note(summary, f"{summary['best_top1'] or 0:.2f}%")
         return (f"final top-1 {summary['final_top1']:.2f}%{best}, top-5 {summary['final_top5']:.2f}% "
-                f"on {summary['val_images']} images")
+                f"on {summary['val_images']}{_held_out(summary)} images")
 
     def plots(self, history: list[dict[str, Any]], final: Evaluation, out: Path, title: str) -> None:
         from ..plots import plot_confusion, plot_curves
@@ -415,3 +417,7 @@ class Classification(Task):
 
     def files(self) -> dict[str, str]:
         return {"preprocess.json": json.dumps(self.pre.to_dict(), indent=2)}
+
+
+def _held_out(summary: dict[str, Any]) -> str:
+    return " held-out" if summary.get("val_split") == "held out of train" else ""
