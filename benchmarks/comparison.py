@@ -30,6 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import contestants
+import harness
+import probes
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "issue23"
@@ -115,11 +121,7 @@ def load(name: str) -> dict[str, Any]:
 
 
 def save(name: str, data: dict[str, Any]) -> None:
-    import torch
-
-    from harness import machine_info
-
-    data.setdefault("machine", machine_info(torch.device("cpu")))
+    data.setdefault("machine", harness.machine_info(torch.device("cpu")))
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS / f".{name}.json.tmp"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -159,10 +161,6 @@ def train(args: argparse.Namespace) -> int:
             print(f"comparison: cvt eval of {key} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
             return proc.returncode
         test = json.loads(proc.stdout)
-        import torch
-
-        from harness import machine_info
-
         results["runs"][key] = dict(
             run, family=CONTESTANTS[run["contestant"]]["family"], size=CONTESTANTS[run["contestant"]]["size"],
             command=shlex.join(train_command(run, out, resume=False)), params=s["params"],
@@ -171,7 +169,7 @@ def train(args: argparse.Namespace) -> int:
             train_seconds=s["train_seconds"], images_per_s=s["images_per_s"],
             val_top1=s["final_top1"], test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"],
             per_class_test_top1=test["per_class_top1"],
-            cpu=machine_info(torch.device("cpu"))["cpu"], date=time.strftime("%Y-%m-%d"),
+            cpu=harness.machine_info(torch.device("cpu"))["cpu"], date=time.strftime("%Y-%m-%d"),
         )
         save("runs", results)
         r = results["runs"][key]
@@ -205,10 +203,10 @@ def _seeded(names: list[str], seeds=SEEDS) -> list[str]:
 
 
 def shift(args: argparse.Namespace) -> int:
-    """Experiment 3: shift consistency of every from-scratch model, on every 10th test image."""
-    import probes
-
-    images, labels = _test_images(every=10)
+    """Experiment 3: shift consistency of every from-scratch model, on every 20th test image: the item moved over
+    a 36 px canvas, seen through a 28 px window centred on it ("window", the side the models were trained at) and
+    as the whole canvas ("canvas")."""
+    images, labels = _test_images(every=20)
     results = load("shift")
     results.setdefault("models", {})
     for key in _finished(_seeded([f"{f}_{size}" for size in args.sizes for f in FAMILIES])):
@@ -216,21 +214,20 @@ def shift(args: argparse.Namespace) -> int:
             continue
         started = time.perf_counter()
         model, mean, std = probes.load_run(args.runs / key, any_size=True)
-        results["models"][key] = probes.shift_consistency(model, images, labels, mean, std, canvas=args.canvas)
+        results["models"][key] = {
+            view: probes.shift_consistency(model, images, labels, mean, std, canvas=args.canvas,
+                                           window=view == "window")
+            for view in ("window", "canvas")}
         results["models"][key]["seconds"] = round(time.perf_counter() - started, 1)
         save("shift", results)
-        r = results["models"][key]
-        print(f"comparison: shift {key}: consistency {r['consistency']:.2f}%, accuracy {r['accuracy_min']:.2f}-"
-              f"{r['accuracy_max']:.2f}% over offsets", flush=True)
+        print(f"comparison: shift {key}: " + "; ".join(
+            f"{view}: consistency {r['consistency']:.2f}%, accuracy {r['accuracy_min']:.2f}-{r['accuracy_max']:.2f}%"
+            for view, r in results["models"][key].items() if view != "seconds"), flush=True)
     return 0
 
 
 def attention(args: argparse.Namespace) -> int:
     """Experiment 3's second view: mean attention distance per head of the CvTs and ViTs, on 500 test images."""
-    import torch
-
-    import probes
-
     images, _ = _test_images(every=20)
     names = ["cvt_small", "vit_small", "cvt_small_pos", "vit_small_nopos", "cvt_small_linear"]
     names += ["cvt_base", "vit_base"] if "base" in args.sizes else []
@@ -252,8 +249,6 @@ def attention(args: argparse.Namespace) -> int:
 def posenc(args: argparse.Namespace) -> int:
     """Experiment 5: test accuracy at other input sides, by resizing and by padding (or centre-cropping), of the
     models with and without position embeddings (seed 0), the ResNet beside them."""
-    import probes
-
     images, labels = _test_images()
     results = {"sides": args.sides, "models": {}}
     names = ["cvt_small", "cvt_small_pos", "vit_small", "vit_small_nopos", "resnet_small"]
@@ -286,7 +281,6 @@ def hierarchy(args: argparse.Namespace) -> int:
     """Per model: timm's `features_only` maps (reduction, channels, the shapes a forward gives), and whether
     torchvision's FeaturePyramidNetwork takes them as they are and makes a pyramid (more than one stride)."""
     import timm
-    import torch
     from torchvision.ops import FeaturePyramidNetwork
 
     import cvt  # noqa: F401 - registers cvt's models with timm
@@ -322,9 +316,9 @@ RESOLUTION_CONTESTANTS = ("ours", "timm:vit_small_patch16_224", "timm:resnet50",
 def resolution(args: argparse.Namespace) -> int:
     """Inference and training-step images/s and training peak memory of CvT-13 (ours) and timm's ViT-S/16,
     ResNet-50 and Swin-T at each side, at one batch for all, through benchmarks/harness.py. Resumable per side."""
-    import harness
-
-    results = load("resolution")
+    device = torch.device(args.device)
+    file = "resolution" if device.type == "cpu" and args.dtype == "fp32" else f"resolution_{device.type}_{args.dtype}"
+    results = load(file)
     results.setdefault("sides", {})
     for side in args.res_sides:
         if str(side) in results["sides"]:
@@ -332,14 +326,20 @@ def resolution(args: argparse.Namespace) -> int:
         cfg = harness.BenchConfig(model="cvt_13", img_size=side, infer_batches=(args.res_batch,),
                                   train_batch=args.res_batch, rounds=args.rounds, memory_rounds=1,
                                   impls=RESOLUTION_CONTESTANTS, baseline="ours", tasks=("infer", "train", "memory"),
-                                  min_time=0.5)
+                                  min_time=0.5, device=args.device, dtype=args.dtype)
         started = time.perf_counter()
         r = harness.run_benchmark(cfg, log=lambda m: print(f"  {m}", flush=True))
         b = str(args.res_batch)
+        setting = contestants.Setting.of("cvt_13", side)
+        x = torch.randn(1, 3, side, side, device=device)
         row = {}
         for name in RESOLUTION_CONTESTANTS:
             mem = r["memory"][name]
+            model = contestants.build(contestants.parse(name), setting).to(device).eval()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+                ops = probes.attention_ops(model, x)
             row[name] = dict(
+                attention_ops=ops,
                 label=r["contestants"][name]["label"], params=r["contestants"][name]["params"],
                 macs_per_image=r["contestants"][name]["macs_per_image"],
                 infer_images_per_s=r["infer"][b][name]["images_per_s"],
@@ -347,11 +347,14 @@ def resolution(args: argparse.Namespace) -> int:
                 train_images_per_s=r["train"][b][name]["images_per_s"],
                 train_samples_s=r["train"][b][name]["samples_s"],
                 peak_rss_bytes=mem["peak_rss_bytes"], rss_before_steps_bytes=mem["rss_before_steps_bytes"],
+                peak_allocated_bytes=mem.get("peak_allocated_bytes"),
             )
         results["sides"][str(side)] = row
-        results.update(batch=args.res_batch, rounds=args.rounds, command=f"python benchmarks/comparison.py "
-                       f"resolution --res-sides {' '.join(map(str, args.res_sides))} --res-batch {args.res_batch}")
-        save("resolution", results)
+        results.update(batch=args.res_batch, rounds=args.rounds, device=args.device, dtype=args.dtype,
+                       command=f"python benchmarks/comparison.py resolution --res-sides "
+                               f"{' '.join(map(str, args.res_sides))} --res-batch {args.res_batch} "
+                               f"--device {args.device} --dtype {args.dtype}")
+        save(file, results)
         print(f"comparison: resolution {side} px done in {time.perf_counter() - started:.0f} s: " + ", ".join(
             f"{n} {v['infer_images_per_s']:.2f}/{v['train_images_per_s']:.2f} images/s" for n, v in row.items()),
             flush=True)
@@ -362,11 +365,7 @@ def kv_stride(args: argparse.Namespace) -> int:
     """What a larger stage-1 key/value stride buys and costs, without new weights: test accuracy of the small
     CvTs (3 seeds) at stage-1 stride 1, 2 (trained) and 4; CvT-13's inference and training-step speed and MACs at
     stride 2, 4 and 8 at each side."""
-    import torch
-
     import cvt
-    import harness
-    import probes
     from cvt.flops import count_macs
 
     images, labels = _test_images()
@@ -427,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-sides", type=int, nargs="+", default=[224, 384, 512], help="kv-stride: CvT-13's sides")
     p.add_argument("--res-batch", type=int, default=4, help="resolution, kv-stride: images per call, every model")
     p.add_argument("--rounds", type=int, default=3, help="resolution, kv-stride: rounds of alternation")
+    p.add_argument("--device", default="cpu", help="resolution: cpu or cuda (a GPU: e.g. --res-sides 224 384 512 "
+                   "768 1024 --res-batch 8, once with --dtype fp32 and once with bf16)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="resolution: bf16 under autocast")
     args = p.parse_args(argv)
     return EXPERIMENTS[args.experiment](args)
 
@@ -444,5 +446,4 @@ EXPERIMENTS = {"train": train, "shift": shift, "attention": attention, "hierarch
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))  # harness.py, contestants.py
     sys.exit(main())

@@ -75,18 +75,23 @@ def pad_to(images: torch.Tensor, side: int) -> torch.Tensor:
 # Shift consistency (Zhang, ICML 2019)
 # ---------------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def shift_consistency(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std,
-                      canvas: int = 36) -> dict[str, Any]:
-    """Each 28 px image placed on a `canvas` px background at every offset (0..canvas-28 in each axis); returns
-    the accuracy at each offset, how often the prediction is the same for horizontally and for vertically adjacent
-    offsets (1 px apart), and Zhang's consistency: the chance that two distinct offsets drawn at random give the
-    same top-1 class."""
+def shift_consistency(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, canvas: int = 36,
+                      window: bool = False) -> dict[str, Any]:
+    """Each image moved over every offset of a `canvas` px background (0..canvas-side in each axis). The model
+    sees the whole canvas, or with `window` the image's own side cut from the canvas centred on the image, so the
+    item moves by up to (canvas-side)/2 px inside the frame the model was trained on (Zhang's crops), its border
+    cut where it leaves. Returns the accuracy at each offset, how often the prediction is the same for
+    horizontally and for vertically adjacent offsets (1 px apart), and Zhang's consistency: the chance that two
+    distinct offsets drawn at random give the same top-1 class."""
     n, side = len(images), images.shape[-1]
     span = canvas - side + 1
+    margin = (canvas - side) // 2
     preds = torch.empty(span, span, n, dtype=torch.long)
     for oy in range(span):
         for ox in range(span):
-            placed = F.pad(images, (ox, canvas - side - ox, oy, canvas - side - oy))
+            placed = F.pad(images, (ox, canvas - side - ox, oy, canvas - side - oy))  # (N, 1, canvas, canvas)
+            if window:
+                placed = placed[..., margin : margin + side, margin : margin + side]
             preds[oy, ox] = predict(model, normalise(placed, mean, std))
     correct = (preds == labels).float()  # (span, span, n)
     same_x = (preds[:, 1:] == preds[:, :-1]).float().mean().item()  # 1 px apart horizontally
@@ -96,7 +101,7 @@ def shift_consistency(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     k = span * span
     pairs_same = (counts * (counts - 1)).sum(-1) / (k * (k - 1))  # per image: P(two distinct offsets agree)
     return dict(
-        canvas=canvas, offsets_per_axis=span, images=n,
+        canvas=canvas, model_input=side if window else canvas, offsets_per_axis=span, images=n,
         accuracy_by_offset=[[round(100 * v, 2) for v in row] for row in correct.mean(-1).tolist()],
         accuracy_mean=round(100 * correct.mean().item(), 2),
         accuracy_min=round(100 * correct.mean(-1).min().item(), 2),
@@ -192,6 +197,31 @@ def vit_attention_distance(model: nn.Module, x: torch.Tensor) -> list[dict[str, 
         heads, uniform = _distance(p, pos, pos)
         rows.append(dict(block=i + 1, query_grid=[gh, gw], key_grid=[gh, gw], heads=heads, uniform=uniform))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which attention kernel a forward runs
+# ---------------------------------------------------------------------------------------------------------------
+ATTENTION_OP_WORDS = ("scaled_dot_product", "flash", "efficient_attention", "cudnn_attention", "fmha")
+
+
+@torch.inference_mode()
+def attention_ops(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """The attention operators (aten ops, and on a GPU their kernels) one forward of `model` on `x` runs, with how
+    often: `aten::_scaled_dot_product_flash_attention_for_cpu` on a CPU, the flash / memory-efficient / cuDNN
+    kernel SDPA picked on a GPU. Empty for a model that calls none (a ResNet)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=activities) as prof:
+        model(x)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if any(w in event.name.lower() for w in ATTENTION_OP_WORDS):
+            counts[event.name] = counts.get(event.name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -138,10 +138,18 @@ def test_shift_consistency_of_a_constant_and_of_a_position_reading_model():
         constant[1].bias.copy_(torch.tensor([1.0, 0, 0]))
     r = probes.shift_consistency(constant, images, labels, (0.0,), (1.0,), canvas=36)
     assert r["consistency"] == 100 and r["accuracy_min"] == 100 and r["offsets_per_axis"] == 9
+    constant_28 = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 3))
+    constant_28[1].load_state_dict({"weight": torch.zeros(3, 28 * 28), "bias": torch.tensor([1.0, 0, 0])})
+    r = probes.shift_consistency(constant_28, images, labels, (0.0,), (1.0,), canvas=36, window=True)
+    assert r["consistency"] == 100 and r["model_input"] == 28
     r = probes.shift_consistency(BrightestQuarter(), images, labels, (0.0,), (1.0,), canvas=36)
     assert r["consistency"] < 50  # the predicted quarter follows the item round the canvas
     acc = torch.tensor(r["accuracy_by_offset"])
     assert acc[0, 0] == 100 and acc[-1, -1] == 0  # top-left placement: quarter 0; bottom-right: quarter 3
+    # through the 28 px window the centred item (offset 4, 4) straddles the quarters alike; moved 4 px up and
+    # left, it lies in quarter 0
+    r = probes.shift_consistency(BrightestQuarter(), images, labels, (0.0,), (1.0,), canvas=36, window=True)
+    assert r["accuracy_by_offset"][0][0] == 100 and r["accuracy_by_offset"][-1][-1] == 0
 
 
 def test_attention_distance_of_a_uniform_cvt_is_the_uniform_distance():
