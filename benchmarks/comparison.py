@@ -21,6 +21,7 @@ out as the validation split, so no choice ever sees the test set.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shlex
@@ -121,11 +122,10 @@ def load(name: str) -> dict[str, Any]:
 
 
 def save(name: str, data: dict[str, Any]) -> None:
+    from cvt.utils import write_text
+
     data.setdefault("machine", harness.machine_info(torch.device("cpu")))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, RESULTS / f"{name}.json")
+    write_text(RESULTS / f"{name}.json", json.dumps(data, indent=2) + "\n")
 
 
 def _cvt(*args: str) -> subprocess.CompletedProcess:
@@ -145,6 +145,8 @@ def train(args: argparse.Namespace) -> int:
         summary = out / "summary.json"
         if not summary.exists():
             cmd = train_command(run, out, resume=(out / "checkpoint.pt").exists())
+            if out.exists() and "--resume" not in cmd:
+                cmd.append("--overwrite")  # a run that died before its first checkpoint
             print("+", shlex.join(cmd), flush=True)
             if args.dry_run:
                 continue
@@ -155,12 +157,14 @@ def train(args: argparse.Namespace) -> int:
         elif args.dry_run:
             continue
         s = json.loads(summary.read_text())
-        # The test set, once, on the final model (the run's own evaluations were on the held-out split).
-        proc = _cvt("eval", "--checkpoint", str(out), "--json", "--out", str(out / "test"))
+        # The test set, once, on the final model (the run's own evaluations were on the held-out split), at the
+        # recipe's precision.
+        proc = _cvt("eval", "--checkpoint", str(out), "--amp", "none", "--out", str(out / "test"))
         if proc.returncode != 0:
-            print(f"comparison: cvt eval of {key} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            error = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            print(f"comparison: cvt eval of {key} failed: {error}", file=sys.stderr)
             return proc.returncode
-        test = json.loads(proc.stdout)
+        test = json.loads((out / "test" / "eval.json").read_text())
         results["runs"][key] = dict(
             run, family=CONTESTANTS[run["contestant"]]["family"], size=CONTESTANTS[run["contestant"]]["size"],
             command=shlex.join(train_command(run, out, resume=False)), params=s["params"],
@@ -237,7 +241,7 @@ def attention(args: argparse.Namespace) -> int:
         x = probes.normalise(images, mean, std)
         with torch.inference_mode():
             rows = (probes.vit_attention_distance(model, x) if key.startswith("vit")
-                    else probes.cvt_attention_distance(model, x, img_size=x.shape[-1]))
+                    else probes.cvt_attention_distance(model, x))
         results["models"][key] = rows
         print(f"comparison: attention {key}: " + "; ".join(
             f"{'stage {} '.format(r['stage']) if 'stage' in r else ''}block {r['block']} "
@@ -393,7 +397,9 @@ def kv_stride(args: argparse.Namespace) -> int:
                     return model(x)
 
             calls[f"infer_{stride}"] = infer
-            calls[f"train_{stride}"] = harness.train_step_fn(model, device, "fp32", args.res_batch, side)
+            # the step trains a copy: `train_step_fn` puts its model in training mode
+            calls[f"train_{stride}"] = harness.train_step_fn(copy.deepcopy(model), device, "fp32", args.res_batch,
+                                                             side)
         t = harness.interleaved(calls, device, args.rounds, min_time=0.5)
         results["speed"][str(side)] = {
             str(stride): dict(macs_per_image=macs[stride],

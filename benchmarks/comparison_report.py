@@ -8,24 +8,20 @@ writes the plots to docs/img/comparison/ and the tables into docs/comparison.md,
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
+from comparison import RESULTS
+from comparison import load as _load
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "issue23"
 DOC = HERE.parent / "docs" / "comparison.md"
 IMG = HERE.parent / "docs" / "img" / "comparison"
 BEGIN, END = "<!-- measured:begin -->", "<!-- measured:end -->"
 FAMILY_OF = {"cvt": "CvT", "resnet": "ResNet", "vit": "ViT"}
 COLOURS = {"CvT": "tab:blue", "ResNet": "tab:green", "ViT": "tab:red", "Swin": "tab:purple"}
-
-
-def _load(name: str) -> dict[str, Any]:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -40,7 +36,9 @@ def _machine(data: dict[str, Any]) -> str:
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of log y against log x."""
+    """Least-squares slope of log y against log x (NaN from fewer than two sides)."""
+    if len(set(xs)) < 2:
+        return float("nan")
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
     mx, my = statistics.mean(lx), statistics.mean(ly)
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
@@ -323,6 +321,7 @@ def report() -> str:
     runs = runs_data.get("runs", {})
     shift, att, hier = _load("shift"), _load("attention"), _load("hierarchy")
     pos, res, kv = _load("posenc"), _load("resolution"), _load("kv_stride")
+    gpu = {p.stem: _load(p.stem) for p in sorted(RESULTS.glob("resolution_*.json"))}  # resolution_cuda_bf16, ...
     plot_data_efficiency(runs, IMG / "data_efficiency.png")
     plot_shift(shift, IMG / "shift.png")
     plot_attention(att, IMG / "attention_distance.png")
@@ -339,6 +338,8 @@ def report() -> str:
         ("5. Position embeddings: test top-1 % at other input sides", "posenc", pos, posenc_table(pos)),
         ("6a. Efficiency against input side: inference images/s / training images/s / activation memory",
          "resolution", res, resolution_tables(res)),
+        *[(f"6a. The same on {name.split('_', 1)[1].replace('_', ', ')}", "resolution --device cuda", data,
+           resolution_tables(data)) for name, data in gpu.items()],
         ("6b. A larger stage-1 key/value stride, without new weights", "kv-stride", kv, kv_tables(kv)),
         ("7. Convolutional against linear projection, and the position-embedding ablation (seed 0)",
          "train --only ablation", runs_data, ablation_table(runs)),

@@ -130,7 +130,7 @@ def _distance(p: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tupl
 
 
 @torch.inference_mode()
-def cvt_attention_distance(model: nn.Module, x: torch.Tensor, img_size: int) -> list[dict[str, Any]]:
+def cvt_attention_distance(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
     """Per attention layer of a CvT (convolutional or linear projections): stage, block, the layer's query and key
     grids, and each head's mean attention distance in input pixels (cls token left out, as query and key)."""
     inputs: list[tuple[nn.Module, tuple]] = []
@@ -142,6 +142,7 @@ def cvt_attention_distance(model: nn.Module, x: torch.Tensor, img_size: int) -> 
     finally:
         for h in handles:
             h.remove()
+    reductions = model.cfg.reductions  # input pixels per token, stage by stage
     rows, block_in_stage, last_grid = [], 0, None
     stage = -1
     for attn, (tokens, h, w, has_cls) in inputs:
@@ -159,11 +160,14 @@ def cvt_attention_distance(model: nn.Module, x: torch.Tensor, img_size: int) -> 
         p = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)
         if has_cls:
             p = p[..., 1:]
-        stride = img_size / h  # input pixels per token of this stage
+        stride = reductions[stage]
         s_kv = attn.conv_proj_k.conv.stride[0] if isinstance(attn.conv_proj_k, ConvProjection) else 1
         hk, wk = math.ceil(h / s_kv), math.ceil(w / s_kv)
-        q_pos = _grid_centres(h, w, stride, stride / 2)
-        k_pos = _grid_centres(hk, wk, stride * s_kv, stride / 2)  # key i sits on token s_kv * i
+        # a kernel-3, padding-1 convolution of stride s centres its output i on input i * s, so token i of a stage
+        # sits at pixel i * reduction (plus one offset for all, which distances do not see), and key i on token
+        # i * s_kv
+        q_pos = _grid_centres(h, w, stride, 0)
+        k_pos = _grid_centres(hk, wk, stride * s_kv, 0)
         heads, uniform = _distance(p, q_pos, k_pos)
         rows.append(dict(stage=stage + 1, block=block_in_stage + 1, query_grid=[h, w], key_grid=[hk, wk],
                          heads=heads, uniform=uniform))

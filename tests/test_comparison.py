@@ -6,6 +6,7 @@ answer is known."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import timm
@@ -158,11 +159,15 @@ def test_attention_distance_of_a_uniform_cvt_is_the_uniform_distance():
         if isinstance(m, cvt.model.Attention):
             nn.init.zeros_(m.proj_q.weight)  # q = bias: every query scores every key alike
             nn.init.zeros_(m.proj_q.bias)
-    rows = probes.cvt_attention_distance(model, torch.randn(2, 1, 28, 28), img_size=28)
+    rows = probes.cvt_attention_distance(model, torch.randn(2, 1, 28, 28))
     assert [(r["stage"], r["query_grid"], r["key_grid"]) for r in rows] == [
         (1, [14, 14], [7, 7]), (2, [7, 7], [4, 4]), (3, [4, 4], [2, 2])]
     for r in rows:
         assert all(h == pytest.approx(r["uniform"], abs=1e-3) for h in r["heads"])
+    # stage 3 of cvt_tiny: 4x4 queries 8 px apart (three stride-2 embeddings), 2x2 keys 16 px apart
+    pairs = [math.dist((8 * i, 8 * j), (16 * a, 16 * b)) for i in range(4) for j in range(4)
+             for a in range(2) for b in range(2)]
+    assert rows[2]["uniform"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-3)
 
 
 def test_attention_distance_of_a_vit_is_zero_when_each_patch_attends_to_itself():
@@ -191,7 +196,7 @@ def test_stage_kv_stride_changes_the_key_count_and_keeps_the_weights():
     model = cvt.create_model("cvt_tiny", in_chans=1, depths=(1, 1, 1)).eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     probes.set_stage_kv_stride(model, 0, 4)
-    rows = probes.cvt_attention_distance(model, torch.randn(1, 1, 28, 28), img_size=28)
+    rows = probes.cvt_attention_distance(model, torch.randn(1, 1, 28, 28))
     assert rows[0]["key_grid"] == [4, 4] and rows[1]["key_grid"] == [4, 4]  # stage 2 keeps its stride 2
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 

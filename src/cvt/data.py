@@ -495,24 +495,34 @@ SPLIT_SEED = 20260  # fixes the held-out and subset images, whatever the run's s
 
 def split_training(labels: Sequence[int], holdout: int = 0, fraction: float = 1.0) -> tuple[list[int], list[int]]:
     """Indices (training, held out) of a training set with these labels: `holdout` images held out and `fraction`
-    of the rest kept, both class-balanced (each class in proportion to its share, rounded, at least one image of
-    every class that has one) and fixed by `SPLIT_SEED` alone, so that every seed and model sees the same images
-    and a smaller fraction's images lie inside a larger one's."""
+    of the rest kept (rounded, at least one of every class).
+
+    Both are taken from the front of one stratified order: the images in a fixed random order (`SPLIT_SEED`, not
+    the run's seed, so every seed and model sees the same images), each image of a class scored by its rank in
+    the class over the class's size, sorted by score. Any front of that order holds each class in proportion to its
+    size (within one image) and every class's first image, and a smaller fraction's images lie inside a larger
+    one's."""
     labels = torch.as_tensor(labels, dtype=torch.long)
     n = len(labels)
     if not 0 <= holdout < n:
         raise ValueError(f"holdout {holdout} must leave training images: the training split has {n}")
-    g = torch.Generator().manual_seed(SPLIT_SEED)
-    order = torch.randperm(n, generator=g)
-    train, held = [], []
-    for c in labels.unique().tolist():
-        members = order[labels[order] == c].tolist()  # this class's images in the fixed random order
-        n_held = round(holdout * len(members) / n)
-        rest = members[n_held:]
-        n_keep = max(1, round(fraction * len(rest))) if rest else 0
-        held += members[:n_held]
-        train += rest[:n_keep]
-    return sorted(train), sorted(held)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    ordered = _stratified(order, labels)
+    held, rest = ordered[:holdout], _stratified(ordered[holdout:], labels)
+    if holdout and len(labels[rest].unique()) < len(labels.unique()):
+        raise ValueError(f"holdout {holdout} leaves a class no training image: hold fewer images out")
+    keep = max(round(fraction * len(rest)), len(labels[rest].unique()))
+    return sorted(rest[:keep].tolist()), sorted(held.tolist())
+
+
+def _stratified(indices: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`indices` reordered by (rank within its class) / (class size), ties and each class's order kept."""
+    score = torch.empty(len(indices), dtype=torch.float64)
+    classes = labels[indices]
+    for c in classes.unique():
+        members = (classes == c).nonzero().flatten()
+        score[members] = torch.arange(len(members), dtype=torch.float64) / len(members)
+    return indices[torch.sort(score, stable=True).indices]
 
 
 def build_data(
@@ -545,7 +555,7 @@ def build_data(
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if kind == "fashion-mnist":
         workers = 0 if num_workers is None else num_workers  # indexing a tensor needs no workers
-        if holdout or train_fraction != 1:
+        if train and (holdout or train_fraction != 1):
             images, labels = load_fashion_mnist("train", data_dir)
             keep, held = split_training(labels, holdout, train_fraction)
             train_ds = TensorImages(images[keep], labels[keep])

@@ -296,7 +296,8 @@ class CvT(nn.Module):
     # ---- timm interface ------------------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {f"stages.{i}.cls_token" for i, s in enumerate(self.stages) if s.cls_token is not None}
+        # the cls token, and a position embedding where one was added (cvt.models.ablations), as timm's ViT
+        return {n for n, _ in self.named_parameters() if n.endswith((".cls_token", ".pos_embed"))}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -83,7 +83,8 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    # The position embedding's grid follows `img_size` (timm passes it to models whose cfg fixes the input size).
+    # Not fixed in fact (the embedding is interpolated at other sizes), but flagged so that timm and `cvt train`
+    # pass the training side as `img_size`, which sizes the embedding's grid.
     "cvt_tiny_pos": _cfg(fixed_input_size=True),
     "cvt_tiny_linear": _cfg(),
 })

@@ -385,7 +385,7 @@ class Classification(Task):
         return {
             "img_size": self.pre.img_size, "classes": len(self.classes),
             "final_top1": round(r.top1, 3), "final_top5": round(r.top5, 3), "final_loss": round(r.loss, 5),
-            "val_images": r.count, "val_split": "held out of train" if self.cfg.holdout else "test",
+            "val_images": r.count, "val_split": "held out of train" if self.cfg.holdout else "validation split",
             "train_images": len(self.data.train_dataset),
             "per_class_top1": {c: round(a, 2) for c, a in zip(self.classes, r.per_class)},
         }
