@@ -68,13 +68,13 @@ TRAIN_IMAGES = 55_000  # Fashion-MNIST's 60,000 less the 5,000 held out
 BATCH, EPOCHS = 128, 2  # configs/comparison.yaml's
 
 
-def run_list(only: set[str], sizes: set[str]) -> list[dict[str, Any]]:
+def run_list(only: set[str], sizes: set[str], seeds: frozenset[int] = frozenset(SEEDS)) -> list[dict[str, Any]]:
     """Every training run, in the order they are worth having: the small from-scratch comparison (3 seeds), the
     ablations and the data-efficiency runs (seed 0), then the base size."""
     runs = []
 
     def add(group: str, name: str, seed: int = 0, fraction: float = 1.0) -> None:
-        if group in only and CONTESTANTS[name]["size"] in sizes:
+        if group in only and CONTESTANTS[name]["size"] in sizes and seed in seeds:
             runs.append(dict(group=group, contestant=name, seed=seed, fraction=fraction))
 
     for seed in SEEDS:
@@ -137,7 +137,7 @@ def train(args: argparse.Namespace) -> int:
     results = load("runs")
     results.setdefault("recipe", RECIPE.read_text())
     results.setdefault("runs", {})
-    for run in run_list(set(args.only), set(args.sizes)):
+    for run in run_list(set(args.only), set(args.sizes), frozenset(args.seeds)):
         key = run_key(run)
         out = args.runs / key
         if key in results["runs"]:
@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", default=["scratch", "ablation", "data"],
                    choices=["scratch", "ablation", "data"], help="train: these groups of runs")
     p.add_argument("--sizes", nargs="+", default=["small", "base"], choices=["small", "base"])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), choices=list(SEEDS), help="train: these seeds")
     p.add_argument("--dry-run", action="store_true", help="train: print the `cvt train` commands only")
     p.add_argument("--canvas", type=int, default=36, help="shift: side of the canvas the 28 px images move on")
     p.add_argument("--sides", type=int, nargs="+", default=[20, 28, 36, 56], help="posenc: input sides")
