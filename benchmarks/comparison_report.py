@@ -32,7 +32,8 @@ def _mean_sd(values: list[float]) -> str:
 
 def _machine(data: dict[str, Any]) -> str:
     m = data.get("machine", {})
-    return f"{m.get('cpu', '?')}, {m.get('threads', '?')} threads, torch {m.get('torch', '?')}"
+    return (f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} CPUs, {m.get('torch_threads', '?')} torch threads), "
+            f"torch {m.get('torch', '?')}, {data.get('date') or m.get('date') or ''}").rstrip(", ")
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
@@ -122,11 +123,12 @@ def attention_table(att: dict[str, Any]) -> list[str]:
 
 
 def hierarchy_table(h: dict[str, Any]) -> list[str]:
-    lines = ["| model | family | side | output strides | channels | FPN pyramid strides |",
-             "|---|---|---:|---|---|---|"]
+    lines = ["| model | family | side | output strides (`feature_info`) | channels | pyramid levels | "
+             "torchvision FPN as it is |", "|---|---|---:|---|---|---:|---|"]
     for name, r in h.get("models", {}).items():
+        fpn = "yes" if r["fpn_takes_it"] else "no: timm gives its maps channels-last (NHWC), permute first"
         lines.append(f"| `{name}` | {r['family']} | {r['side']} | {', '.join(map(str, r['reductions']))} | "
-                     f"{', '.join(map(str, r['channels']))} | {', '.join(map(str, r['fpn_strides'])) or 'none'} |")
+                     f"{', '.join(map(str, r['channels']))} | {len(set(r['reductions']))} | {fpn} |")
     return lines
 
 
