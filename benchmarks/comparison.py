@@ -129,8 +129,8 @@ def save(name: str, data: dict[str, Any]) -> None:
 
 
 def _cvt(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["cvt", *args], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
-                          text=True)
+    return subprocess.run(harness.cvt_cli(["cvt", *args]), cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                          capture_output=True, text=True)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -150,7 +150,8 @@ def train(args: argparse.Namespace) -> int:
             print("+", shlex.join(cmd), flush=True)
             if args.dry_run:
                 continue
-            rc = subprocess.call(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL)
+            rc = subprocess.call(harness.cvt_cli(cmd), cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                 stdout=subprocess.DEVNULL)
             if rc != 0:
                 print(f"comparison: {key} failed (exit {rc}); rerun to resume", file=sys.stderr)
                 return rc

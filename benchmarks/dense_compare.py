@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from harness import machine_info
+from harness import cvt_cli, machine_info
 
 # A CvT-13 cut to the scale of 100 px scenes: the three stages at strides 4/8/16 that make the P2-P6 pyramid,
 # narrower and shallower (CvT-13 is 64/192/384 wide, 1/2/10 deep).
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.dry_run:
                     continue
                 started = time.time()
-                rc = subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                rc = subprocess.call(cvt_cli(cmd), env={**os.environ, "PYTHONUNBUFFERED": "1"})
                 if rc != 0:
                     print(f"dense_compare: {task}/{backbone} failed (exit {rc}); rerun to resume", file=sys.stderr)
                     return rc

@@ -233,6 +233,12 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def cvt_cli(cmd: list[str]) -> list[str]:
+    """A `cvt ...` command line as this interpreter runs it (`python -m cvt ...`): the scripts print `cvt ...` for
+    the reader but must not depend on the virtual environment's bin/ being on PATH."""
+    return [sys.executable, "-m", "cvt", *cmd[1:]] if cmd[:1] == ["cvt"] else cmd
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Peak memory of a training step, one fresh process per contestant
 # ---------------------------------------------------------------------------------------------------------------
