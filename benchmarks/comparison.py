@@ -214,7 +214,7 @@ def shift(args: argparse.Namespace) -> int:
     images, labels = _test_images(every=20)
     results = load("shift")
     results.setdefault("models", {})
-    for key in _finished(_seeded([f"{f}_{size}" for size in args.sizes for f in FAMILIES])):
+    for key in _finished(_seeded([f"{f}_{size}" for size in args.sizes for f in FAMILIES], seeds=args.seeds)):
         if key in results["models"]:
             continue
         started = time.perf_counter()
@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", default=["scratch", "ablation", "data"],
                    choices=["scratch", "ablation", "data"], help="train: these groups of runs")
     p.add_argument("--sizes", nargs="+", default=["small", "base"], choices=["small", "base"])
-    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), choices=list(SEEDS), help="train: these seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), choices=list(SEEDS),
+                   help="train, shift: these seeds")
     p.add_argument("--dry-run", action="store_true", help="train: print the `cvt train` commands only")
     p.add_argument("--canvas", type=int, default=36, help="shift: side of the canvas the 28 px images move on")
     p.add_argument("--sides", type=int, nargs="+", default=[20, 28, 36, 56], help="posenc: input sides")
