@@ -301,10 +301,9 @@ def hierarchy(args: argparse.Namespace) -> int:
         fpn = FeaturePyramidNetwork(info.channels(), 64).eval()
         with torch.inference_mode():
             out = fpn({str(i): m for i, m in enumerate(maps)}) if channels_first else None
-        strides = sorted({side // m.shape[-1] for m in out.values()}) if out else []
         results["models"][name] = dict(
             family=family, side=side, reductions=info.reduction(), channels=info.channels(), shapes=shapes,
-            fpn_takes_it=out is not None, fpn_strides=strides,
+            fpn_takes_it=out is not None,
         )
         print(f"comparison: hierarchy {name}: reductions {info.reduction()}, channels {info.channels()}, "
               f"FPN {'takes it' if out is not None else 'refuses it'}", flush=True)
