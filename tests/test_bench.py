@@ -305,3 +305,18 @@ def test_port_refuses_depths_it_cannot_build():
     ours = create_model("cvt_tiny", depths=(1, 1, 2))
     with pytest.raises(ValueError, match="transformers' port cannot build depths"):
         contestants.build_hf("", contestants.Setting.of("cvt_tiny", 32), ours)
+
+
+def test_train_step_script_times_each_variant_against_eager(tmp_path):
+    """benchmarks/train_step.py: every variant asked for gets images/s over its rounds and a ratio to eager."""
+    import train_step
+
+    out = tmp_path / "step.json"
+    assert train_step.main(["--batches", "2", "--pairs", "2", "--min-time", "0", "--quick-gelu",
+                            "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"]["2"]
+    assert set(row) == {"eager", "quick_gelu"}
+    assert len(row["eager"]["samples"]) == 2 and row["eager"]["images_per_s"] > 0
+    assert "speedup" not in row["eager"]
+    ratios = row["quick_gelu"]["speedup"]
+    assert 0 < ratios["min"] <= ratios["median"] <= ratios["max"]
