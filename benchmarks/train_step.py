@@ -1,6 +1,6 @@
 """The demo's training step, timed and profiled: python benchmarks/train_step.py [--compile] [--profile].
 
-cvt_tiny on 1-channel 28 px images, 10 classes, cross-entropy with label smoothing 0.1, the training loop's AdamW
+cvt_tiny on 1-channel 28 px images, 10 classes, cross-entropy (no label smoothing), the training loop's AdamW
 (`cvt.engine.build_optimizer`), as configs/fashion_mnist_demo.yaml trains it, at each `--batches` size: images/s as
 the median (and range) of `--pairs` rounds that alternate between the variants (eager; with --compile
 torch.compile'd, whose compile time is reported apart; with --quick-gelu the model with the authors' QuickGELU,
@@ -36,7 +36,7 @@ def step_fn(batch: int, compiled: bool, act: str = "gelu", seed: int = 0):
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y, label_smoothing=0.1).backward()
+        F.cross_entropy(net(x), y).backward()
         opt.step()
 
     return step
