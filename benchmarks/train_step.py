@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print where an eager step's time goes")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
     cpu = torch.device("cpu")
     out = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "fast_paths": fast_path_origin(), "command": " ".join(["python benchmarks/train_step.py", *sys.argv[1:]]),
+           "fast_paths": fast_path_origin(), "command": " ".join(["python benchmarks/train_step.py", *given]),
            "rows": {}}
     print(f"{out['cpu']}, {out['threads']} threads, torch {out['torch']}; fast paths: {out['fast_paths']}")
     for batch in args.batches:

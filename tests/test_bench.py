@@ -307,10 +307,21 @@ def test_port_refuses_depths_it_cannot_build():
         contestants.build_hf("", contestants.Setting.of("cvt_tiny", 32), ours)
 
 
-def test_train_step_script_times_each_variant_against_eager(tmp_path):
-    """benchmarks/train_step.py: every variant asked for gets images/s over its rounds and a ratio to eager."""
+def test_train_step_script_times_each_variant_against_eager(tmp_path, monkeypatch):
+    """benchmarks/train_step.py: every variant asked for gets images/s over its rounds and a ratio to eager, the
+    QuickGELU variant on a model built with QuickGELU."""
+    import statistics
+
     import train_step
 
+    built = []
+    create = train_step.cvt.create_model
+
+    def spy(*args, **kwargs):
+        built.append(kwargs.get("act"))
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(train_step.cvt, "create_model", spy)
     out = tmp_path / "step.json"
     assert train_step.main(["--batches", "2", "--pairs", "2", "--min-time", "0", "--quick-gelu",
                             "--json", str(out)]) == 0
@@ -318,5 +329,6 @@ def test_train_step_script_times_each_variant_against_eager(tmp_path):
     assert set(row) == {"eager", "quick_gelu"}
     assert len(row["eager"]["samples"]) == 2 and row["eager"]["images_per_s"] > 0
     assert "speedup" not in row["eager"]
-    ratios = row["quick_gelu"]["speedup"]
-    assert 0 < ratios["min"] <= ratios["median"] <= ratios["max"]
+    assert built == ["gelu", "quick_gelu"]
+    ratios = [q / e for e, q in zip(row["eager"]["samples"], row["quick_gelu"]["samples"], strict=True)]
+    assert row["quick_gelu"]["speedup"] == {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
