@@ -1,12 +1,12 @@
 """The demo's training step, timed and profiled: python benchmarks/train_step.py [--compile] [--profile].
 
-cvt_tiny on 1-channel 28 px images, 10 classes, cross-entropy (no label smoothing), the training loop's AdamW
-(`cvt.engine.build_optimizer`), as configs/fashion_mnist_demo.yaml trains it, at each `--batches` size: images/s as
-the median (and range) of `--pairs` rounds that alternate between the variants (eager; with --compile
-torch.compile'd, whose compile time is reported apart; with --quick-gelu the model with the authors' QuickGELU,
-run by the `quick_gelu_as_silu` fast path, in place of cvt_tiny's exact GELU). `--profile` prints torch.profiler's
-table of where one eager step's time goes. Figures quoted in RESULTS.md ("The demo's training step") come from
-this script, with the machine it prints.
+The demo recipe's model (cvt_tiny) on 1-channel images at its side (28 px), 10 classes, with its loss (label
+smoothing) and the training loop's AdamW (`cvt.engine.build_optimizer`) at its lr and weight decay, all read from
+configs/fashion_mnist_demo.yaml, at each `--batches` size: images/s as the median (and range) of `--pairs` rounds
+that alternate between the variants (eager; with --compile torch.compile'd, whose compile time is reported apart;
+with --quick-gelu the model with the authors' QuickGELU, run by the `quick_gelu_as_silu` fast path, in place of
+cvt_tiny's exact GELU). `--profile` prints torch.profiler's table of where one eager step's time goes. Figures
+quoted in RESULTS.md ("The demo's training step") come from this script, with the machine it prints.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,20 +24,23 @@ import torch.nn.functional as F
 import cvt
 from cvt.engine import build_optimizer
 from cvt.layers.config import fast_path_origin
-from harness import cpu_model, time_per_call
+from cvt.recipe import build_config, load_recipe
+from harness import cpu_model, speedup, time_per_call
+
+DEMO = build_config(load_recipe(Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist_demo.yaml"))
 
 
 def step_fn(batch: int, compiled: bool, act: str = "gelu", seed: int = 0):
     torch.manual_seed(seed)
-    model = cvt.create_model("cvt_tiny", in_chans=1, num_classes=10, act=act).train()
-    opt = build_optimizer(model, lr=2e-3, weight_decay=0.05)
+    model = cvt.create_model(DEMO.model, in_chans=1, num_classes=10, act=act).train()
+    opt = build_optimizer(model, lr=DEMO.lr, weight_decay=DEMO.weight_decay)
     net = torch.compile(model, dynamic=False) if compiled else model
-    x = torch.randn(batch, 1, 28, 28)
+    x = torch.randn(batch, 1, DEMO.img_size, DEMO.img_size)
     y = torch.randint(0, 10, (batch,))
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()
+        F.cross_entropy(net(x), y, label_smoothing=DEMO.label_smoothing).backward()
         opt.step()
 
     return step
@@ -80,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if compile_s is not None:
             row["compiled"]["compile_s"] = compile_s
         for name in variants.keys() - {"eager"}:
-            ratios = [v / e for e, v in zip(samples["eager"], samples[name])]
-            row[name]["speedup"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+            # the samples are rates, so speedup(eager, variant) is the median of variant / eager
+            row[name]["speedup"] = speedup(samples["eager"], samples[name])
         out["rows"][str(batch)] = row
         for name, r in row.items():
             extra = f", {r['speedup']['median']:.2f}x eager" if "speedup" in r else ""
